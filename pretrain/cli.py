@@ -1,0 +1,85 @@
+"""The one entry point: `lightspan <verb>` with verbs prepare, data, train, convert, eval, bench."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+USAGE = """usage: lightspan <verb> [args]
+
+verbs:
+  prepare   tokenize a corpus into token shards (--config FILE, or --source/--out)
+  data      inspect prepared data: `lightspan data stats DIR`
+  train     pretrain from a YAML config (same as `python -m pretrain`)
+  convert   checkpoint <-> Hugging Face conversion
+  eval      long-context evaluation
+  bench     benchmarks: `lightspan bench {lightning,loader}`
+"""
+
+BENCHES = ("lightning", "loader")
+
+
+def _prepare(argv) -> int:
+    if "--config" in " ".join(argv):
+        from pretrain.config import ConfigError, load_config
+        from pretrain.data import ensure_prepared
+        from pretrain.train import parse_args
+
+        args, overrides = parse_args(argv)
+        try:
+            cfg = load_config(args.config, overrides)
+        except ConfigError as e:
+            print(f"config error: {e}", file=sys.stderr)
+            return 2
+        out = ensure_prepared(cfg)
+        print(f"prepared data: {out.resolve()}")
+        return 0
+    from data_pipeline.cli import prepare_main
+
+    return prepare_main(argv) or 0
+
+
+def _data(argv) -> int:
+    if not argv or argv[0] != "stats":
+        print("usage: lightspan data stats DIR [--json] [--tokens-per-step N]", file=sys.stderr)
+        return 2
+    from data_pipeline.cli import stats_main
+
+    return stats_main(argv[1:]) or 0
+
+
+def _bench(argv) -> int:
+    if not argv or argv[0] not in BENCHES:
+        print(f"usage: lightspan bench {{{','.join(BENCHES)}}} [args]", file=sys.stderr)
+        return 2
+    return importlib.import_module(f"bench.{argv[0]}").main(argv[1:]) or 0
+
+
+def _not_yet(verb: str):
+    def run(argv) -> int:
+        print(f"lightspan {verb}: not yet available in this version (see the open issues in README.md)",
+              file=sys.stderr)
+        return 3
+
+    return run
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    verb, rest = argv[0], argv[1:]
+    if verb == "train":
+        from pretrain.train import main as train_main
+
+        return train_main(rest)
+    verbs = {"prepare": _prepare, "data": _data, "bench": _bench,
+             "convert": _not_yet("convert"), "eval": _not_yet("eval")}
+    if verb not in verbs:
+        print(f"unknown verb {verb!r}\n{USAGE}", file=sys.stderr)
+        return 2
+    return verbs[verb](rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""The config schema: YAML + dotted overrides, clear errors, --dry-run."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pretrain.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+
+
+def test_yaml_and_overrides():
+    cfg = load_config(TINY, ["--train.lr=1e-4", "--model.layers", "2", "--model.lrpe_layers=[0,1]",
+                             "--log.tensorboard=false"])
+    assert cfg.train.lr == 1e-4 and cfg.model.layers == 2 and cfg.model.lrpe_layers == [0, 1]
+    assert cfg.log.tensorboard is False
+    assert cfg.model.dim == 128  # from the YAML
+
+
+def test_every_shipped_config_loads():
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        load_config(path)
+
+
+@pytest.mark.parametrize("override, words", [
+    (["--train.lrr=1"], ["unknown config key 'train.lrr'", "'lr'"]),
+    (["--nosection=1"], ["name the section"]),
+    (["--train.steps=ten"], ["train.steps", "expected int", "'ten'"]),
+    (["--model.heads=5"], ["model.heads (5)", "model.dim (128)"]),
+    (["--data.curriculum=fast"], ["data.curriculum", "grow_p2", "'fast'"]),
+    (["--parallel.tp=8"], ["model.heads (4) not divisible by parallel.tp (8)"]),
+    (["--data.tokens_per_step=1000"], ["data.tokens_per_step (1000)", "512"]),
+    (["--train.lr"], ["has no value"]),
+])
+def test_errors_name_the_field(override, words):
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, override)
+    for w in words:
+        assert w in str(err.value)
+
+
+def test_missing_file_is_clear(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  dimm: 3\n")
+    with pytest.raises(ConfigError, match="model.dimm"):
+        load_config(bad)
+
+
+def test_dry_run_7b_param_count():
+    out = subprocess.run([sys.executable, "-m", "pretrain", "--config", str(ROOT / "configs/tnl-7b.yaml"), "--dry-run"],
+                         capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    line = next(x for x in out.splitlines() if x.startswith("parameters:"))
+    n = int(line.split()[1].replace(",", ""))
+    assert abs(n - 6.84e9) / 6.84e9 < 0.01
+    assert "FLOPs per token" in out
+
+
+def test_cli_bad_config_exits_nonzero():
+    res = subprocess.run([sys.executable, "-m", "pretrain.cli", "train", "--config", str(TINY), "--model.heads=3"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 2 and "model.heads (3)" in res.stderr
+    res = subprocess.run([sys.executable, "-m", "pretrain.cli", "eval"], capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode != 0 and "not yet available" in res.stderr
