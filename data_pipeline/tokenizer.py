@@ -1,0 +1,159 @@
+"""The sentencepiece tokenizer: train one on a source, or load an existing ``.model``.
+
+Special ids are fixed so every model we train agrees: unk 0, bos 1, eos 2, pad 3. Training keeps text exactly
+(identity normalisation, whitespace kept, byte fallback on by default) so ``decode(encode(x)) == x`` for source code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import random
+from pathlib import Path
+from typing import Iterable
+
+import sentencepiece as spm
+
+
+class Tokenizer:
+    """A loaded sentencepiece model.
+
+    ``encode(text) -> list[int]`` (no BOS/EOS added), ``decode(ids) -> str``; ``vocab_size``, ``eos_id``,
+    ``bos_id``, ``pad_id`` (-1 when the model has none) and ``sha256`` (of the serialized model: its identity).
+    """
+
+    def __init__(self, model_bytes: bytes, path: str | None = None):
+        self.model_bytes = model_bytes
+        self.path = path
+        self.sp = spm.SentencePieceProcessor(model_proto=model_bytes)
+        self.sha256 = hashlib.sha256(model_bytes).hexdigest()
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Tokenizer":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer model {path} does not exist")
+        return cls(path.read_bytes(), str(path))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    @property
+    def eos_id(self) -> int:
+        return self.sp.eos_id()
+
+    @property
+    def bos_id(self) -> int:
+        return self.sp.bos_id()
+
+    @property
+    def pad_id(self) -> int:
+        return self.sp.pad_id()
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.sp.encode(texts, num_threads=1)  # parallelism comes from worker processes
+
+    def decode(self, ids) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(self.model_bytes)
+        tmp.replace(path)
+        return path
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size}, eos_id={self.eos_id}, sha256={self.sha256[:12]}, path={self.path})"
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load a sentencepiece ``.model`` file (or a prepared folder, which holds ``tokenizer.model``)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "tokenizer.model"
+    return Tokenizer.load(path)
+
+
+def _sample_lines(texts: Iterable[str], sample_bytes: int, seed: int) -> list[str]:
+    """Lines from a seeded random subset of the documents, about ``sample_bytes`` in all.
+
+    Documents are kept with probability 1/4 (seeded) so a sorted corpus is not sampled by its first names only;
+    if that leaves too little, the skipped documents fill up the rest. Lines, not documents, are the training
+    "sentences": sentencepiece skips sentences longer than its max_sentence_length.
+    """
+    rng = random.Random(seed)
+    kept: list[str] = []
+    skipped: list[str] = []
+    size = 0
+    for text in texts:
+        if rng.random() < 0.25:
+            kept.append(text)
+            size += len(text)
+            if size >= sample_bytes:
+                break
+        elif size + sum(map(len, skipped)) < sample_bytes:
+            skipped.append(text)
+    for text in skipped:
+        if size >= sample_bytes:
+            break
+        kept.append(text)
+        size += len(text)
+    return [line for text in kept for line in text.split("\n") if line.strip()]
+
+
+def train_tokenizer(
+    texts: Iterable[str],
+    out_path: str | Path,
+    vocab_size: int = 8192,
+    model_type: str = "bpe",
+    byte_fallback: bool = True,
+    character_coverage: float = 0.9995,
+    sample_bytes: int = 4_000_000,
+    seed: int = 0,
+    num_threads: int = 2,
+) -> Tokenizer:
+    """Train a sentencepiece model on a sample of ``texts`` (capped at ``sample_bytes``) and save it to ``out_path``.
+
+    BPE at 8192 pieces on 4 MB trains in about a second on 2 cores. With ``byte_fallback`` the vocabulary must
+    exceed 256 byte pieces + 4 specials + the kept characters (about 100 for ASCII code): use >= 384.
+    """
+    lines = _sample_lines(texts, sample_bytes, seed)
+    if not lines:
+        raise ValueError("cannot train a tokenizer: the source yielded no text")
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines),
+            model_writer=model,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            byte_fallback=byte_fallback,
+            character_coverage=character_coverage,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True,
+            split_digits=True,
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=3,
+            input_sentence_size=200_000,
+            shuffle_input_sentence=True,
+            max_sentence_length=16384,
+            num_threads=num_threads,
+            seed_sentencepiece_size=200_000,
+            minloglevel=2,
+        )
+    except RuntimeError as e:
+        raise ValueError(
+            f"sentencepiece could not train a {model_type} model with vocab_size={vocab_size}, "
+            f"byte_fallback={byte_fallback}: {e}"
+        ) from e
+    tok = Tokenizer(model.getvalue(), str(out_path))
+    tok.save(out_path)
+    return tok
