@@ -142,6 +142,11 @@ def prepare(
     src = open_source(source, text_field=text_field, split=split, max_documents=max_documents,
                       cache_dir=str(out_dir / ".hf_cache"))
     options = {"append_eos": append_eos, "shard_tokens": shard_tokens, "format": FORMAT}
+    if tokenizer in (None, "train") and not isinstance(src, MegatronSource):
+        # a trained tokenizer is part of the preparation: other training options mean another preparation
+        options["tokenizer_training"] = {"vocab_size": vocab_size, "model_type": model_type,
+                                         "byte_fallback": byte_fallback, "sample_bytes": tokenizer_sample_bytes,
+                                         "seed": seed}
 
     current = _existing_is_current(out_dir, src, options, tokenizer)
     if current is not None:
