@@ -97,6 +97,8 @@ def lightning_attn_step(q, k, v, slope, state):
 
     q, k: (B, H, Dk) or (B, H, 1, Dk); v: (B, H, Dv) or (B, H, 1, Dv); slope: (H,);
     state: (B, H, Dk, Dv) (fp32; None means zeros). Returns (o shaped like v, new_state fp32).
+    An fp32 state rounds away per-token decays within one ulp of 1 (slope below ~6e-8); pass an fp64
+    state to keep it exact, and it stays fp64.
     """
     for name, x in (("q", q), ("k", k), ("v", v)):
         _check_float(name, x)

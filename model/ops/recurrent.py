@@ -3,6 +3,10 @@
 The numerically robust form (only multiplies by λ ≤ 1) and the decoding path. O(T Dk Dv) time, a Python loop
 over T, autograd for the gradients: use it for decoding and as a second oracle, not for training.
 Shapes as in ``model/ops/lightning.py``.
+
+The loop carries the state in float64: for the last layers' slopes (~1e-5·s_h, down to ~4e-8) λ lies within
+one fp32 ulp of 1, so an fp32 state would round the per-token decay away and drift by ~T·3e-8 relative.
+The returned state is fp32 (fp64 for fp64 inputs or an fp64 initial state).
 """
 
 from __future__ import annotations
@@ -14,18 +18,20 @@ from model.ops.naive import compute_dtype
 
 def recurrent_attn(q, k, v, slope, initial_state=None, output_final_state=False):
     """q, k: (B, H, T, Dk); v: (B, H, T, Dv); slope: (H,); initial_state: (B, H, Dk, Dv) or None."""
-    ct = compute_dtype(q.dtype)
     B, H, T, Dk = q.shape
     Dv = v.shape[-1]
-    lam = torch.exp(-slope.to(ct)).view(1, H, 1, 1)
+    acc = torch.float64
+    lam = torch.exp(-slope.to(acc)).view(1, H, 1, 1)
     if initial_state is None:
-        S = torch.zeros(B, H, Dk, Dv, device=q.device, dtype=ct)
+        S = torch.zeros(B, H, Dk, Dv, device=q.device, dtype=acc)
+        out_dtype = compute_dtype(q.dtype)
     else:
-        S = initial_state.to(ct)
-    qc, kc, vc = q.to(ct), k.to(ct), v.to(ct)
+        S = initial_state.to(acc)
+        out_dtype = torch.promote_types(compute_dtype(q.dtype), initial_state.dtype)
+    qc, kc, vc = q.to(acc), k.to(acc), v.to(acc)
     outs = []
     for t in range(T):
         S = lam * S + kc[:, :, t, :, None] * vc[:, :, t, None, :]
         outs.append((qc[:, :, t, None, :] @ S).squeeze(-2))
     o = torch.stack(outs, dim=2).to(q.dtype)
-    return o, (S if output_final_state else None)
+    return o, (S.to(out_dtype) if output_final_state else None)
