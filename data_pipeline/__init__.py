@@ -17,11 +17,11 @@ from .dd_loader import DDLoader
 from .decompose import decompose_lengths
 from .loader import LOADER_KINDS, build_loader
 from .megatron_io import MegatronNotInstalled, export_megatron
-from .prepare import prepare, verify_prepared
+from .preparation import prepare, verify_prepared
 from .shards import CorruptCorpusError, TokenStore
 from .sharding import IGNORE_INDEX
 from .sources import open_source, stdlib_files
-from .stats import stats
+from .corpus_stats import stats
 from .tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
 __all__ = [

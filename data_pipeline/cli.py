@@ -28,7 +28,7 @@ def prepare_main(argv: list[str] | None = None) -> int:
     p.add_argument("--verify", action="store_true", help="hash every written file against the manifest afterwards")
     args = p.parse_args(argv)
 
-    from .prepare import prepare, verify_prepared
+    from .preparation import prepare, verify_prepared
     from .shards import CorruptCorpusError
 
     try:
@@ -58,9 +58,9 @@ def stats_main(argv: list[str] | None = None) -> int:
     p.add_argument("--verify", action="store_true", help="also hash every file against the manifest")
     args = p.parse_args(argv)
 
-    from .prepare import verify_prepared
+    from .preparation import verify_prepared
     from .shards import CorruptCorpusError
-    from .stats import stats
+    from .corpus_stats import stats
 
     try:
         if args.verify:
