@@ -42,8 +42,6 @@ def iter_megatron_documents(prefix: str) -> Iterator[np.ndarray]:
 
 def export_megatron(prepared_dir: str | Path, out_prefix: str | Path) -> str:
     """Write a prepared corpus as ``out_prefix.bin`` / ``out_prefix.idx`` (one sequence per document)."""
-    import torch
-
     from .shards import TokenStore
 
     module = _indexed_dataset_module()
@@ -54,7 +52,8 @@ def export_megatron(prepared_dir: str | Path, out_prefix: str | Path) -> str:
     dtype = np.uint16 if store.dtype == np.uint16 else np.int32
     builder = module.IndexedDatasetBuilder(out_prefix + ".bin", dtype=dtype)
     for start, length in np.asarray(store.documents):
-        builder.add_document(torch.from_numpy(store.read(int(start), int(length)).astype(dtype)), [int(length)])
+        # a numpy array, not a tensor: the builder converts with np.array either way
+        builder.add_document(store.read(int(start), int(length)).astype(dtype), [int(length)])
     builder.finalize(out_prefix + ".idx")
     print(f"[megatron] wrote {len(store.documents)} documents, {store.num_tokens} tokens to {out_prefix}.bin/.idx")
     return out_prefix

@@ -255,7 +255,7 @@ def _write_pretokenized(src: MegatronSource, out_dir: Path, tok: Tokenizer | Non
     for batch in _batches(docs, 4096):
         writer.add(np.concatenate(batch), np.array([len(d) for d in batch]))
     shards, documents = writer.finish()
-    return shards, documents, 0
+    return shards, documents, dtype, vocab, 0
 
 
 def verify_prepared(prepared_dir: str | Path, tokenizer: str | Path | Tokenizer | None = None) -> dict:

@@ -166,3 +166,14 @@ def test_cli_prepare_and_stats(tok, jsonl, tmp_path, capsys):
     assert stats_main([str(out)]) == 0 and "steps per epoch" in capsys.readouterr().out
     assert prepare_main(["--source", str(tmp_path / "nothing.jsonl"), "--out", str(out)]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_megatron_missing_gives_the_install_hint(monkeypatch, tmp_path):
+    import sys
+
+    from data_pipeline import MegatronNotInstalled
+    from data_pipeline.megatron_io import iter_megatron_documents
+
+    monkeypatch.setitem(sys.modules, "megatron.core.datasets", None)  # as if megatron-core were absent
+    with pytest.raises(MegatronNotInstalled, match=r"pip install 'lightspan\[megatron\]'"):
+        next(iter_megatron_documents(str(tmp_path / "x")))
