@@ -28,10 +28,11 @@ def recurrent_attn(q, k, v, slope, initial_state=None, output_final_state=False)
     else:
         S = initial_state.to(acc)
         out_dtype = torch.promote_types(compute_dtype(q.dtype), initial_state.dtype)
-    qc, kc, vc = q.to(acc), k.to(acc), v.to(acc)
+    # unbind once: indexing [:, :, t] in the loop would make autograd's backward O(T²)
+    qs, ks, vs = (x.to(acc).unbind(2) for x in (q, k, v))
     outs = []
-    for t in range(T):
-        S = lam * S + kc[:, :, t, :, None] * vc[:, :, t, None, :]
-        outs.append((qc[:, :, t, None, :] @ S).squeeze(-2))
+    for q_t, k_t, v_t in zip(qs, ks, vs):
+        S = lam * S + k_t[..., :, None] * v_t[..., None, :]
+        outs.append((q_t[..., None, :] @ S).squeeze(-2))
     o = torch.stack(outs, dim=2).to(q.dtype)
     return o, (S.to(out_dtype) if output_final_state else None)
