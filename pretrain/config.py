@@ -62,6 +62,7 @@ class ParallelConfig:
     pp: int = 1
     cp: int = 1
     tp: int = 1
+    sequence_parallel: bool = False  # Megatron-SP: norms/residuals on sequence shards between the tp regions
     dp_engine: str = "fsdp2"  # fsdp2 | deepspeed
     zero_stage: int = 2
     cp_impl: str = "lasp2"  # lasp2 | lasp1
