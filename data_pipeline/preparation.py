@@ -8,6 +8,8 @@ of workers (ordered ``imap``), so the same input always gives byte-identical sha
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import multiprocessing as mp
 import shutil
@@ -58,7 +60,7 @@ def _batches(it, n: int) -> Iterator[list]:
 def _clean_partial(out_dir: Path) -> None:
     """Remove what an interrupted or superseded run left: temp files, shards, the document index, bucket indexes."""
     for p in out_dir.iterdir():
-        if p.name.endswith(".tmp") or (p.name.startswith("tokens_") and p.suffix == ".bin") or p.name == DOCUMENTS:
+        if p.name.endswith(".tmp") or p.name.endswith(".train") or (p.name.startswith("tokens_") and p.suffix == ".bin") or p.name == DOCUMENTS:
             p.unlink()
         elif p.is_dir() and (p.name.startswith("dd_") or p.name == ".hf_cache"):
             shutil.rmtree(p)
@@ -106,8 +108,21 @@ def _existing_is_current(out_dir: Path, source, options: dict, tokenizer) -> dic
         tok = load_tokenizer(out_dir / TOKENIZER)
     if manifest.get("fingerprint") != _fingerprint(source, tok, options):
         return None
-    TokenStore(out_dir, verify="sha256")  # raises if anything was damaged since
+    # sizes only: cheap enough for every start-up on every rank; `verify_prepared` hashes everything
+    TokenStore(out_dir, verify="size")
     return manifest
+
+
+@contextlib.contextmanager
+def _exclusive(out_dir: Path):
+    """Hold an exclusive lock on ``out_dir`` so ranks that all call ``prepare`` run it once: the first prepares,
+    the others wait and then find the manifest current."""
+    with open(out_dir / ".prepare.lock", "a") as f:  # "a": taking the lock leaves the folder untouched
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def prepare(
@@ -136,9 +151,19 @@ def prepare(
     shard_tokens: tokens per shard file at most (a longer document gets a shard to itself).
     append_eos: append EOS to every document (for Megatron input: unless it already ends with EOS; needs a tokenizer).
     overwrite: allow replacing a different preparation already in ``out_dir``.
+    Several processes may call this at once on one folder: they take turns (a file lock), so it is done once.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    with _exclusive(out_dir):
+        return _prepare_locked(source, out_dir, tokenizer, vocab_size, model_type, byte_fallback,
+                               tokenizer_sample_bytes, text_field, split, num_workers, shard_tokens, max_documents,
+                               append_eos, overwrite, seed, progress)
+
+
+def _prepare_locked(source, out_dir, tokenizer, vocab_size, model_type, byte_fallback, tokenizer_sample_bytes,
+                    text_field, split, num_workers, shard_tokens, max_documents, append_eos, overwrite, seed,
+                    progress) -> Path:
     src = open_source(source, text_field=text_field, split=split, max_documents=max_documents,
                       cache_dir=str(out_dir / ".hf_cache"))
     options = {"append_eos": append_eos, "shard_tokens": shard_tokens, "format": FORMAT}
@@ -211,7 +236,8 @@ def _write_text(src: TextSource, out_dir: Path, tok: Tokenizer, dtype, shard_tok
                 progress: bool):
     writer = ShardWriter(out_dir, dtype, shard_tokens)
     n_bytes = 0
-    bar = tqdm(desc="[prepare] tokenizing", unit="doc", disable=not progress, mininterval=1.0)
+    bar = tqdm(desc="[prepare] tokenizing", unit="doc", total=src.num_documents(), disable=not progress,
+               mininterval=1.0)
     batches = _batches(src.texts(), _BATCH_DOCS)
     if num_workers <= 1:
         _worker_init(tok.model_bytes)
@@ -237,25 +263,31 @@ def _write_text(src: TextSource, out_dir: Path, tok: Tokenizer, dtype, shard_tok
 
 def _write_pretokenized(src: MegatronSource, out_dir: Path, tok: Tokenizer | None, shard_tokens: int,
                         append_eos: bool, progress: bool):
-    """Copy a Megatron corpus's token ids; EOS is appended only where a tokenizer says what EOS is."""
+    """Copy a Megatron corpus's token ids, streaming; EOS is appended only where a tokenizer says what EOS is.
+    Without a tokenizer a first pass finds the largest id (vocabulary = largest id + 1) to pick the dtype."""
     if append_eos and tok is None:
         append_eos = False  # no EOS id known: keep the documents exactly as Megatron stored them
-    docs = list(tqdm(src.tokens(), desc="[prepare] reading Megatron corpus", unit="doc", disable=not progress,
-                     mininterval=1.0))
-    docs = [d for d in docs if len(d)]
-    if append_eos:
-        docs = [d if d[-1] == tok.eos_id else np.append(d, tok.eos_id) for d in docs]
-    max_id = max((int(d.max()) for d in docs), default=0)
-    vocab = tok.vocab_size if tok is not None else max_id + 1
-    if max_id >= vocab:
-        raise ValueError(f"Megatron corpus {src.prefix} holds token id {max_id} >= tokenizer vocab {vocab}: "
-                         f"wrong tokenizer for this corpus")
+    if tok is not None:
+        vocab = tok.vocab_size
+    else:
+        vocab = 1 + max((int(d.max()) for d in src.tokens() if len(d)), default=0)
     dtype = token_dtype(vocab)
     writer = ShardWriter(out_dir, dtype, shard_tokens)
-    for batch in _batches(docs, 4096):
+
+    def documents():
+        for d in tqdm(src.tokens(), desc="[prepare] copying Megatron corpus", unit="doc", disable=not progress,
+                      mininterval=1.0):
+            if not len(d):
+                continue
+            if int(d.max()) >= vocab:
+                raise ValueError(f"Megatron corpus {src.prefix} holds token id {int(d.max())} >= tokenizer vocab "
+                                 f"{vocab}: wrong tokenizer for this corpus")
+            yield d if not append_eos or d[-1] == tok.eos_id else np.append(d, tok.eos_id)
+
+    for batch in _batches(documents(), 4096):
         writer.add(np.concatenate(batch), np.array([len(d) for d in batch]))
-    shards, documents = writer.finish()
-    return shards, documents, dtype, vocab, 0
+    shards, documents_index = writer.finish()
+    return shards, documents_index, dtype, vocab, 0
 
 
 def verify_prepared(prepared_dir: str | Path, tokenizer: str | Path | Tokenizer | None = None) -> dict:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -45,9 +46,14 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def _tmp_name(path: Path) -> Path:
+    # unique per process and host: ranks on several nodes may write the same index on a shared file system
+    return path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary name and a rename (unique per process)."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp = _tmp_name(path)
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -57,7 +63,7 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 def save_npy_atomic(path: Path, array: np.ndarray) -> str:
     """Save an array as ``.npy`` atomically; returns the file's sha256."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp = _tmp_name(path)
     with open(tmp, "wb") as f:
         np.save(f, array)
         f.flush()

@@ -87,6 +87,12 @@ class TextSource:
             items += [str(f), st.st_size, st.st_mtime_ns]
         return _hash_strings(items)
 
+    def num_documents(self) -> int | None:
+        """Known in advance for the stdlib corpus (for the progress bar); None otherwise."""
+        if self.kind != "stdlib":
+            return None
+        return len(self.files) if self.max_documents is None else min(len(self.files), self.max_documents)
+
     def texts(self) -> Iterator[str]:
         n = 0
         for text in self._all_texts():
