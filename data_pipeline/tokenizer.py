@@ -89,15 +89,16 @@ def _sample_lines(texts: Iterable[str], sample_bytes: int, seed: int) -> list[st
     rng = random.Random(seed)
     kept: list[str] = []
     skipped: list[str] = []
-    size = 0
+    size = skipped_size = 0
     for text in texts:
         if rng.random() < 0.25:
             kept.append(text)
             size += len(text)
             if size >= sample_bytes:
                 break
-        elif size + sum(map(len, skipped)) < sample_bytes:
+        elif size + skipped_size < sample_bytes:
             skipped.append(text)
+            skipped_size += len(text)
     for text in skipped:
         if size >= sample_bytes:
             break

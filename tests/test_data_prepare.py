@@ -177,3 +177,25 @@ def test_megatron_missing_gives_the_install_hint(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "megatron.core.datasets", None)  # as if megatron-core were absent
     with pytest.raises(MegatronNotInstalled, match=r"pip install 'lightspan\[megatron\]'"):
         next(iter_megatron_documents(str(tmp_path / "x")))
+
+
+def test_concurrent_prepares_of_one_folder_take_turns(tok, jsonl, tmp_path, capsys):
+    import threading
+
+    errors = []
+
+    def run():
+        try:
+            _prep(jsonl, tmp_path / "shared", tok)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    out = capsys.readouterr().out
+    assert out.count("[prepare] wrote") == 1 and out.count("nothing to do") == 1
+    verify_prepared(tmp_path / "shared")
