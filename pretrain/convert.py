@@ -410,11 +410,11 @@ def import_hf(hf_dir, out, overwrite: bool = False) -> Path:
     for key, t in hf_state.items():
         state[from_hf_key(cfg, key)] = t
     check_state(cfg, state, f"Hugging Face folder {hf_dir}", rename=lambda k: to_hf_key(cfg, k))
-    if cfg.arch == "tnl":
+    if cfg.arch == "tnl" or cfg.tie_embeddings:
         if "lm_head.weight" in state and not torch.equal(state["lm_head.weight"], state["embed_tokens.weight"]):
-            raise ValueError(f"{hf_dir}: lm_head.weight differs from model.embed_tokens.weight; lightspan's TNL "
-                             f"ties them, so this model cannot be imported without changing it")
-        state["lm_head.weight"] = state["embed_tokens.weight"]  # tied, stored once
+            raise ValueError(f"{hf_dir}: lm_head.weight differs from model.embed_tokens.weight but the model ties "
+                             f"them (TNL always; Llama with tie_word_embeddings), so it cannot be imported as is")
+        state["lm_head.weight"] = state["embed_tokens.weight"]  # tied: one tensor, as our model's state dict has it
 
     full = Config()
     full.model = cfg

@@ -1,0 +1,267 @@
+"""`lightspan convert` <-> Hugging Face: exported folders load offline in transformers and compute what we compute.
+
+Tiny models only (seconds). Everything runs offline (HF_HUB_OFFLINE=1): folders are loaded from disk.
+"""
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+transformers = pytest.importorskip("transformers")
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from data_pipeline.tokenizer import train_tokenizer  # noqa: E402
+from model import ModelConfig, build_model  # noqa: E402
+from model.generate import greedy_generate  # noqa: E402
+from pretrain import checkpoint  # noqa: E402
+from pretrain.config import Config, to_dict  # noqa: E402
+from pretrain.convert import import_hf, load_model_weights, main  # noqa: E402
+
+TEXT = """def fibonacci(n):
+    # returns the n-th Fibonacci number, 0-indexed
+    a, b = 0, 1
+    for _ in range(n):
+        a, b = b, a + b
+    return a
+
+
+class Counter:
+    \"\"\"Counts things: 1, 2, 3, 42 and 1000 of them.\"\"\"
+
+    def __init__(self):
+        self.total = 0
+
+    def add(self, value=1):
+        self.total += value
+        return self.total
+"""
+
+
+def tnl_cfg(**kw):
+    # a large init_std so the random tiny model does not just repeat its last token (a sharper generate() check)
+    base = dict(arch="tnl", vocab_size=128, dim=32, layers=3, heads=4, glu_dim=48, lrpe_layers=[0], init_std=0.5)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def llama_cfg(**kw):
+    base = dict(arch="llama", vocab_size=128, dim=32, layers=2, heads=4, glu_dim=48, init_std=0.1)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def save_run(run_dir, cfg, tokenizer=""):
+    """A run folder with one checkpoint of a freshly initialised model; returns the model (eval mode)."""
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    full = Config()
+    full.model = cfg
+    full.data.tokenizer = str(tokenizer)
+    checkpoint.save(run_dir, 7, {"model": model.state_dict(), "step": 7}, {"config": to_dict(full)})
+    return model
+
+
+def hf_tensors(folder):
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        out = {}
+        for fname in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+            out.update(load_file(str(folder / fname)))
+        return out
+    return load_file(str(folder / "model.safetensors"))
+
+
+def load_hf(folder):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=True).eval()
+
+
+@pytest.fixture(scope="module")
+def sp_model(tmp_path_factory):
+    """A tiny sentencepiece model trained here (vocab 100, no byte fallback so 100 pieces suffice)."""
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
+    texts = [TEXT * 4, TEXT.upper() * 2, "the quick brown fox jumps over the lazy dog\n" * 20]
+    return train_tokenizer(texts, path, vocab_size=100, byte_fallback=False, sample_bytes=20_000), path
+
+
+@pytest.fixture(scope="module")
+def tnl_export(tmp_path_factory, sp_model):
+    root = tmp_path_factory.mktemp("tnl")
+    model = save_run(root / "run", tnl_cfg(), tokenizer=sp_model[1])
+    assert main(["--to", "hf", str(root / "run"), str(root / "hf")]) == 0
+    return model, root / "hf"
+
+
+def test_export_folder_layout(tnl_export):
+    _, hf = tnl_export
+    names = {p.name for p in hf.iterdir()}
+    assert {"config.json", "model.safetensors", "generation_config.json", "configuration_transnormer.py",
+            "modeling_transnormer.py", "tokenizer.model", "tokenizer_config.json"} <= names
+    cfg = json.loads((hf / "config.json").read_text())
+    assert cfg["model_type"] == "transnormer" and cfg["architectures"] == ["TransnormerForCausalLM"]
+    assert cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_transnormer.TransnormerForCausalLM"
+    assert (cfg["decoder_embed_dim"], cfg["decoder_layers"], cfg["decoder_attention_heads"]) == (32, 3, 4)
+    assert (cfg["hidden_dim"], cfg["glu_dim"], cfg["linear_use_lrpe_list"]) == (32, 48, [1, 0, 0])
+    assert (cfg["norm_type"], cfg["linear_act_fun"], cfg["glu_act"], cfg["bias"]) == ("simplermsnorm", "silu", "none", False)
+    assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]) == (1, 2, 3)
+    keys = set(hf_tensors(hf))
+    assert keys == {"model.embed_tokens.weight", "lm_head.weight", "model.layers.0.token_mixer.lrpe.theta"} | {
+        f"model.layers.{i}.{name}.weight" for i in range(3) for name in
+        ("token_mixer.qkvu_proj", "token_mixer.out_proj", "channel_mixer.l1", "channel_mixer.l2", "channel_mixer.l3")}
+    # the modeling files travel without lightspan: they import nothing of ours
+    for name in ("modeling_transnormer.py", "configuration_transnormer.py", "tokenization_transnormer.py"):
+        src = (hf / name).read_text() if (hf / name).exists() else ""
+        assert "from model" not in src and "import model" not in src and "lightspan" not in src.split('"""')[-1]
+
+
+def test_tnl_logits_match_transformers(tnl_export):
+    model, hf_dir = tnl_export
+    hf = load_hf(hf_dir)
+    assert type(hf).__name__ == "TransnormerForCausalLM"
+    ids = torch.randint(0, 128, (2, 150))  # > the HF file's block size of 64: several blocks plus a remainder
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids), atol=1e-5, rtol=1e-5)
+        # chunked prefill through the cache equals one pass
+        first = hf(ids[:, :70], use_cache=True)
+        second = hf(ids[:, 70:], recurrent_cache=first.recurrent_cache)
+        torch.testing.assert_close(torch.cat([first.logits, second.logits], 1), model(ids), atol=1e-5, rtol=1e-5)
+
+
+def test_generate_matches_our_greedy_decoding(tnl_export):
+    model, hf_dir = tnl_export
+    hf = load_hf(hf_dir)
+    lengths = []
+    hook = hf.model.register_forward_pre_hook(lambda m, a, kw: lengths.append(kw["input_ids"].shape[1]),
+                                              with_kwargs=True)
+    prompt = torch.randint(4, 128, (1, 9))
+    theirs = hf.generate(prompt, max_new_tokens=10, do_sample=False)
+    hook.remove()
+    ours = greedy_generate(model, prompt, 10, eos_id=2)
+    assert theirs.tolist() == ours.tolist()
+    assert len(set(ours[0, 9:].tolist())) > 1  # the check is not vacuous
+    assert lengths[0] == 9 and set(lengths[1:]) == {1}  # the prompt once, then one token per step from the state
+
+
+def test_generate_left_padded_batch(tnl_export):
+    """A left-padded row decodes like the same prompt alone (padded k, v are zeroed; LRPE is relative)."""
+    model, hf_dir = tnl_export
+    hf = load_hf(hf_dir)
+    short, long = torch.randint(4, 128, (1, 5)), torch.randint(4, 128, (1, 8))
+    batch = torch.cat([torch.cat([torch.full((1, 3), 3), short], 1), long])
+    mask = torch.ones_like(batch)
+    mask[0, :3] = 0
+    out = hf.generate(batch, attention_mask=mask, max_new_tokens=6, do_sample=False, eos_token_id=None)
+    assert out[0, 8:].tolist() == greedy_generate(model, short, 6)[0, 5:].tolist()
+    assert out[1, 8:].tolist() == greedy_generate(model, long, 6)[0, 8:].tolist()
+
+
+def test_hf_to_ours_to_hf_is_byte_identical(tnl_export, tmp_path):
+    model, hf_dir = tnl_export
+    assert main(["--from", "hf", str(hf_dir), str(tmp_path / "ckpt")]) == 0
+    cfg, state = load_model_weights(tmp_path / "ckpt")
+    assert cfg == model.cfg
+    ours = build_model(cfg).eval()
+    ours.load_state_dict(state)
+    ids = torch.randint(0, 128, (1, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), model(ids), atol=0, rtol=0)
+    assert main(["--to", "hf", str(tmp_path / "ckpt"), str(tmp_path / "hf2")]) == 0
+    a, b = hf_tensors(hf_dir), hf_tensors(tmp_path / "hf2")
+    assert list(a) == list(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape
+        assert a[k].numpy().tobytes() == b[k].numpy().tobytes(), k
+    assert (hf_dir / "tokenizer.model").read_bytes() == (tmp_path / "hf2" / "tokenizer.model").read_bytes()
+
+
+def test_sharded_safetensors_with_index(tmp_path):
+    model = save_run(tmp_path / "run", tnl_cfg())
+    assert main(["--to", "hf", str(tmp_path / "run"), str(tmp_path / "hf"), "--max-shard-size", "20KB"]) == 0
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2 and not (tmp_path / "hf" / "model.safetensors").exists()
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in hf_tensors(tmp_path / "hf").values())
+    hf = load_hf(tmp_path / "hf")
+    ids = torch.randint(0, 128, (1, 33))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids), atol=1e-5, rtol=1e-5)
+    assert main(["--from", "hf", str(tmp_path / "hf"), str(tmp_path / "back")]) == 0
+    _, state = load_model_weights(tmp_path / "back")
+    for k, v in model.state_dict().items():
+        assert torch.equal(state[k], v), k
+
+
+def test_llama_export_is_a_standard_llama(tmp_path):
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    model = save_run(tmp_path / "run", llama_cfg())
+    assert main(["--to", "hf", str(tmp_path / "run"), str(tmp_path / "hf")]) == 0
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert cfg["model_type"] == "llama" and "auto_map" not in cfg
+    assert not list((tmp_path / "hf").glob("modeling_*.py"))
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()  # no remote code
+    assert isinstance(hf, LlamaForCausalLM)
+    ids = torch.randint(0, 128, (2, 45))
+    with torch.no_grad():
+        # same logits means the same RoPE convention (half-split rotation, theta^(-2i/d) frequencies)
+        torch.testing.assert_close(hf(ids).logits, model(ids), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(hf(ids[:, 10:]).logits, model(ids[:, 10:]), atol=1e-5, rtol=1e-5)
+    prompt = torch.randint(4, 128, (1, 6))
+    assert hf.generate(prompt, max_new_tokens=8, do_sample=False).tolist() == \
+        greedy_generate(model, prompt, 8, eos_id=2).tolist()
+    assert main(["--from", "hf", str(tmp_path / "hf"), str(tmp_path / "back")]) == 0
+    back_cfg, state = load_model_weights(tmp_path / "back")
+    assert back_cfg == model.cfg
+    for k, v in model.state_dict().items():
+        assert torch.equal(state[k], v), k
+
+
+def test_mismatched_shapes_and_foreign_folders_refuse(tnl_export, tmp_path, capsys):
+    _, hf_dir = tnl_export
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    tensors = hf_tensors(hf_dir)
+    tensors["model.layers.1.channel_mixer.l2.weight"] = torch.zeros(40, 32)
+    save_file(tensors, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    (bad / "config.json").write_text((hf_dir / "config.json").read_text())
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.channel_mixer\.l2\.weight.*\(40, 32\).*\(48, 32\)"):
+        import_hf(bad, tmp_path / "out")
+    assert main(["--from", "hf", str(bad), str(tmp_path / "out")]) == 1
+    assert "channel_mixer.l2.weight" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+    del tensors["model.layers.1.channel_mixer.l2.weight"]
+    save_file(tensors, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"missing tensors \['model\.layers\.1\.channel_mixer\.l2\.weight'\]"):
+        import_hf(bad, tmp_path / "out")
+
+    raw = json.loads((hf_dir / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps(dict(raw, model_type="gpt2")))
+    with pytest.raises(ValueError, match="not a TNL or Llama Hugging Face export.*'gpt2'"):
+        import_hf(bad, tmp_path / "out")
+    (bad / "config.json").write_text(json.dumps(dict(raw, norm_type="layernorm")))
+    with pytest.raises(ValueError, match="norm_type='layernorm'"):
+        import_hf(bad, tmp_path / "out")
+    (bad / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        import_hf(bad, tmp_path / "out")
+
+
+def test_tokenizer_encodes_like_ours(tnl_export, sp_model):
+    from transformers import AutoTokenizer
+
+    ours, _ = sp_model
+    assert ours.vocab_size == 100
+    tok = AutoTokenizer.from_pretrained(str(tnl_export[1]), trust_remote_code=True)
+    samples = [TEXT, "hello world", "  two  spaces\n\n\tdef f(x):\n    return 12345 + x  ", " leading space",
+               "trailing space ", "", "\n", "<s> special strings are text </s>", "ünïcødé ✓ (unknown pieces)"]
+    for s in samples:
+        assert tok(s)["input_ids"] == ours.encode(s), repr(s)
+        assert tok.decode(ours.encode(s)) == ours.decode(ours.encode(s)), repr(s)
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id) == (1, 2, 3, 0)
+    assert tok.decode([1] + ours.encode("hello") + [2], skip_special_tokens=True) == "hello"
