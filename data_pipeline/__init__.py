@@ -9,24 +9,39 @@ Public API::
     stats(prepared_dir, tokens_per_step, min_log2, max_log2) -> dict
     verify_prepared(prepared_dir, tokenizer=None) -> manifest
     export_megatron(prepared_dir, out_prefix) -> prefix   (needs megatron-core)
+
+Names are imported on first use (PEP 562): tokenizer worker processes, which import this package, and the
+``prepare`` / ``stats`` commands then never pay for importing torch.
 """
 
-from .concat_loader import ConcatLoader
-from .curriculum import CURRICULA, curriculum_odds, epoch_schedule
-from .dd_loader import DDLoader
-from .decompose import decompose_lengths
-from .loader import LOADER_KINDS, build_loader
-from .megatron_io import MegatronNotInstalled, export_megatron
-from .preparation import prepare, verify_prepared
-from .shards import CorruptCorpusError, TokenStore
-from .sharding import IGNORE_INDEX
-from .sources import open_source, stdlib_files
-from .corpus_stats import stats
-from .tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+from __future__ import annotations
 
-__all__ = [
-    "prepare", "verify_prepared", "build_loader", "stats", "load_tokenizer", "train_tokenizer", "Tokenizer",
-    "DDLoader", "ConcatLoader", "TokenStore", "CorruptCorpusError", "export_megatron", "MegatronNotInstalled",
-    "decompose_lengths", "epoch_schedule", "curriculum_odds", "open_source", "stdlib_files",
-    "CURRICULA", "LOADER_KINDS", "IGNORE_INDEX",
-]
+import importlib
+
+_EXPORTS = {
+    "prepare": "preparation", "verify_prepared": "preparation",
+    "build_loader": "loader", "LOADER_KINDS": "loader",
+    "stats": "corpus_stats",
+    "Tokenizer": "tokenizer", "load_tokenizer": "tokenizer", "train_tokenizer": "tokenizer",
+    "DDLoader": "dd_loader", "ConcatLoader": "concat_loader",
+    "TokenStore": "shards", "CorruptCorpusError": "shards",
+    "export_megatron": "megatron_io", "MegatronNotInstalled": "megatron_io",
+    "decompose_lengths": "decompose",
+    "epoch_schedule": "curriculum", "curriculum_odds": "curriculum", "CURRICULA": "curriculum",
+    "open_source": "sources", "stdlib_files": "sources",
+    "IGNORE_INDEX": "sharding",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'data_pipeline' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

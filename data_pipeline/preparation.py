@@ -62,7 +62,7 @@ def _clean_partial(out_dir: Path) -> None:
     for p in out_dir.iterdir():
         if p.name.endswith(".tmp") or p.name.endswith(".train") or (p.name.startswith("tokens_") and p.suffix == ".bin") or p.name == DOCUMENTS:
             p.unlink()
-        elif p.is_dir() and (p.name.startswith("dd_") or p.name == ".hf_cache"):
+        elif p.is_dir() and p.name.startswith("dd_"):
             shutil.rmtree(p)
 
 
@@ -164,8 +164,7 @@ def prepare(
 def _prepare_locked(source, out_dir, tokenizer, vocab_size, model_type, byte_fallback, tokenizer_sample_bytes,
                     text_field, split, num_workers, shard_tokens, max_documents, append_eos, overwrite, seed,
                     progress) -> Path:
-    src = open_source(source, text_field=text_field, split=split, max_documents=max_documents,
-                      cache_dir=str(out_dir / ".hf_cache"))
+    src = open_source(source, text_field=text_field, split=split, max_documents=max_documents)
     options = {"append_eos": append_eos, "shard_tokens": shard_tokens, "format": FORMAT}
     if tokenizer in (None, "train") and not isinstance(src, MegatronSource):
         # a trained tokenizer is part of the preparation: other training options mean another preparation
@@ -225,7 +224,6 @@ def _prepare_locked(source, out_dir, tokenizer, vocab_size, model_type, byte_fal
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     write_atomic(out_dir / MANIFEST, json.dumps(manifest, indent=1).encode())
-    shutil.rmtree(out_dir / ".hf_cache", ignore_errors=True)
     rate = manifest["num_tokens"] / max(elapsed, 1e-9)
     print(f"[prepare] wrote {manifest['num_documents']} documents, {manifest['num_tokens']} tokens "
           f"({manifest['dtype']}) in {len(shards)} shard(s) to {out_dir} in {elapsed:.1f}s ({rate / 1e6:.2f} M tok/s)")

@@ -65,7 +65,6 @@ class TextSource:
     text_field: str = "text"
     split: str = "train"
     max_documents: int | None = None
-    cache_dir: str | None = None
     is_tokenized = False
 
     def describe(self) -> dict:
@@ -108,12 +107,12 @@ class TextSource:
                 yield f.read_bytes().decode("utf-8", errors="replace")
             return
         for ds in self._hf_datasets():
-            if self.text_field not in ds.column_names:
-                raise KeyError(
-                    f"source {self.spec!r} has no column {self.text_field!r} (columns: {ds.column_names}); "
-                    f"pass --text-field with one of them"
-                )
-            for row in ds.select_columns([self.text_field]):
+            for row in ds:
+                if self.text_field not in row:
+                    raise KeyError(
+                        f"source {self.spec!r} has no column {self.text_field!r} (columns: {sorted(row)}); "
+                        f"pass --text-field with one of them"
+                    )
                 text = row[self.text_field]
                 if text:
                     yield text
@@ -124,15 +123,16 @@ class TextSource:
         datasets.disable_progress_bars()
         if self.kind == "hub":
             name, _, config = self.spec.partition(":")
-            yield datasets.load_dataset(name, config or None, split=self.split, cache_dir=self.cache_dir)
+            yield datasets.load_dataset(name, config or None, split=self.split, streaming=True)
             return
-        # one load per builder type so a folder may mix jsonl and parquet; files keep their sorted order
+        # streaming: one pass, no Arrow cache to build, nothing downloaded ahead of use.
+        # One load per builder type so a folder may mix jsonl and parquet; files keep their sorted order.
         by_builder: dict[str, list[str]] = {}
         for f in self.files:
             by_builder.setdefault(_FILE_BUILDERS[f.suffix.lower()], []).append(str(f))
         for builder, files in by_builder.items():
             kwargs = {"sample_by": "document"} if builder == "text" else {}
-            yield datasets.load_dataset(builder, data_files=files, split="train", cache_dir=self.cache_dir, **kwargs)
+            yield datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **kwargs)
 
 
 @dataclass
@@ -182,7 +182,6 @@ def open_source(
     text_field: str = "text",
     split: str = "train",
     max_documents: int | None = None,
-    cache_dir: str | None = None,
 ) -> TextSource | MegatronSource:
     """Open a source from its spec string (see the module docstring). Nothing is read yet."""
     if spec == "stdlib":
@@ -199,12 +198,12 @@ def open_source(
             raise ValueError(
                 f"{path}: unknown file type {path.suffix!r}; accepted: {sorted(_FILE_BUILDERS)} or a Megatron .bin/.idx"
             )
-        return TextSource(spec, "files", [path], text_field, split, max_documents, cache_dir)
+        return TextSource(spec, "files", [path], text_field, split, max_documents)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _FILE_BUILDERS)
         if not files:
             raise FileNotFoundError(f"folder {path} holds no {sorted(_FILE_BUILDERS)} files")
-        return TextSource(spec, "files", files, text_field, split, max_documents, cache_dir)
+        return TextSource(spec, "files", files, text_field, split, max_documents)
     if spec.startswith(("/", ".", "~")):  # hub names look like "owner/name", never like these
         raise FileNotFoundError(f"source {spec!r} looks like a path but does not exist")
-    return TextSource(spec, "hub", [], text_field, split, max_documents, cache_dir)
+    return TextSource(spec, "hub", [], text_field, split, max_documents)
