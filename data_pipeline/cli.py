@@ -18,7 +18,8 @@ def prepare_main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary of a trained tokenizer")
     p.add_argument("--model-type", default="bpe", choices=["bpe", "unigram", "char", "word"])
     p.add_argument("--no-byte-fallback", action="store_true", help="train without byte fallback")
-    p.add_argument("--tokenizer-sample-mb", type=float, default=4.0, help="MB of text to train the tokenizer on")
+    p.add_argument("--tokenizer-sample-mb", type=float, default=None,
+                   help="MB of text to train the tokenizer on (default: max(4, vocab x 250 bytes))")
     p.add_argument("--workers", type=int, default=2, help="tokenizer processes")
     p.add_argument("--text-field", default="text", help="column holding the text")
     p.add_argument("--split", default="train", help="hub dataset split")
@@ -31,12 +32,13 @@ def prepare_main(argv: list[str] | None = None) -> int:
     from .preparation import prepare, verify_prepared
     from .shards import CorruptCorpusError
 
+    sample = None if args.tokenizer_sample_mb is None else int(args.tokenizer_sample_mb * 1e6)
     try:
         out = prepare(args.source, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
                       model_type=args.model_type, byte_fallback=not args.no_byte_fallback,
-                      tokenizer_sample_bytes=int(args.tokenizer_sample_mb * 1e6), text_field=args.text_field,
-                      split=args.split, num_workers=args.workers, shard_tokens=args.shard_tokens,
-                      max_documents=args.max_documents, overwrite=args.overwrite)
+                      tokenizer_sample_bytes=sample, text_field=args.text_field, split=args.split,
+                      num_workers=args.workers, shard_tokens=args.shard_tokens, max_documents=args.max_documents,
+                      overwrite=args.overwrite)
         if args.verify:
             verify_prepared(out)
             print(f"[prepare] verified every file in {out} against its manifest")

@@ -74,7 +74,8 @@ def _resolve_tokenizer(source, out_dir: Path, tokenizer, vocab_size, model_type,
         return load_tokenizer(tokenizer)
     if isinstance(source, MegatronSource):
         return None  # tokens are already ids
-    print(f"[prepare] training a {model_type} tokenizer, vocab {vocab_size}, on a {sample_bytes / 1e6:.1f} MB sample")
+    size = "an automatically sized" if sample_bytes is None else f"a {sample_bytes / 1e6:.1f} MB"
+    print(f"[prepare] training a {model_type} tokenizer, vocab {vocab_size}, on {size} sample")
     t0 = time.time()
     tok = train_tokenizer(source.texts(), out_dir / (TOKENIZER + ".train"), vocab_size=vocab_size,
                           model_type=model_type, byte_fallback=byte_fallback, sample_bytes=sample_bytes, seed=seed)
@@ -132,7 +133,7 @@ def prepare(
     vocab_size: int = 8192,
     model_type: str = "bpe",
     byte_fallback: bool = True,
-    tokenizer_sample_bytes: int = 4_000_000,
+    tokenizer_sample_bytes: int | None = None,
     text_field: str = "text",
     split: str = "train",
     num_workers: int = 2,
@@ -146,7 +147,7 @@ def prepare(
     """Tokenize ``source`` into ``out_dir``; returns ``out_dir``.
 
     tokenizer: a ``.model`` path or a ``Tokenizer`` to use, or None to train one (``vocab_size``, ``model_type``,
-        ``byte_fallback``, on ``tokenizer_sample_bytes`` of text). Megatron input needs none (ids are kept).
+        ``byte_fallback``, on ``tokenizer_sample_bytes`` of text, None: sized by the vocabulary). Megatron input needs none (ids are kept).
     num_workers: tokenizer processes (1 = in this process).
     shard_tokens: tokens per shard file at most (a longer document gets a shard to itself).
     append_eos: append EOS to every document (for Megatron input: unless it already ends with EOS; needs a tokenizer).

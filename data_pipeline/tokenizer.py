@@ -114,15 +114,19 @@ def train_tokenizer(
     model_type: str = "bpe",
     byte_fallback: bool = True,
     character_coverage: float = 0.9995,
-    sample_bytes: int = 4_000_000,
+    sample_bytes: int | None = None,
     seed: int = 0,
     num_threads: int = 2,
 ) -> Tokenizer:
     """Train a sentencepiece model on a sample of ``texts`` (capped at ``sample_bytes``) and save it to ``out_path``.
 
+    sample_bytes: None = max(4 MB, 250 bytes per vocabulary entry): a large vocabulary needs enough distinct
+    text to find that many pieces (4 MB of Python source yields at most about 62K BPE pieces).
     BPE at 8192 pieces on 4 MB trains in about a second on 2 cores. With ``byte_fallback`` the vocabulary must
     exceed 256 byte pieces + 4 specials + the kept characters (about 100 for ASCII code): use >= 384.
     """
+    if sample_bytes is None:
+        sample_bytes = max(4_000_000, 250 * vocab_size)
     lines = _sample_lines(texts, sample_bytes, seed)
     if not lines:
         raise ValueError("cannot train a tokenizer: the source yielded no text")
@@ -143,7 +147,7 @@ def train_tokenizer(
             bos_id=1,
             eos_id=2,
             pad_id=3,
-            input_sentence_size=200_000,
+            input_sentence_size=len(lines),
             shuffle_input_sentence=True,
             max_sentence_length=16384,
             num_threads=num_threads,
