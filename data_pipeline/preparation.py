@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import multiprocessing as mp
 import shutil
@@ -22,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .shards import DOCUMENTS, FORMAT, MANIFEST, TOKENIZER, CorruptCorpusError, ShardWriter, TokenStore, \
-    file_sha256, save_npy_atomic, token_dtype, write_atomic
+    save_npy_atomic, token_dtype, write_atomic
 from .sources import MegatronSource, TextSource, open_source
 from .tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
@@ -60,7 +61,8 @@ def _batches(it, n: int) -> Iterator[list]:
 def _clean_partial(out_dir: Path) -> None:
     """Remove what an interrupted or superseded run left: temp files, shards, the document index, bucket indexes."""
     for p in out_dir.iterdir():
-        if p.name.endswith(".tmp") or p.name.endswith(".train") or (p.name.startswith("tokens_") and p.suffix == ".bin") or p.name == DOCUMENTS:
+        shard = p.name.startswith("tokens_") and p.suffix == ".bin"
+        if shard or p.name.endswith(".tmp") or p.name == DOCUMENTS:
             p.unlink()
         elif p.is_dir() and p.name.startswith("dd_"):
             shutil.rmtree(p)
@@ -77,16 +79,13 @@ def _resolve_tokenizer(source, out_dir: Path, tokenizer, vocab_size, model_type,
     size = "an automatically sized" if sample_bytes is None else f"a {sample_bytes / 1e6:.1f} MB"
     print(f"[prepare] training a {model_type} tokenizer, vocab {vocab_size}, on {size} sample")
     t0 = time.time()
-    tok = train_tokenizer(source.texts(), out_dir / (TOKENIZER + ".train"), vocab_size=vocab_size,
-                          model_type=model_type, byte_fallback=byte_fallback, sample_bytes=sample_bytes, seed=seed)
-    (out_dir / (TOKENIZER + ".train")).unlink()
+    tok = train_tokenizer(source.texts(), out_dir / TOKENIZER, vocab_size=vocab_size, model_type=model_type,
+                          byte_fallback=byte_fallback, sample_bytes=sample_bytes, seed=seed)
     print(f"[prepare] tokenizer trained in {time.time() - t0:.1f}s (sha256 {tok.sha256[:12]})")
     return tok
 
 
 def _fingerprint(source, tok: Tokenizer | None, options: dict) -> str:
-    import hashlib
-
     items = [source.fingerprint(), tok.sha256 if tok else "no-tokenizer", json.dumps(options, sort_keys=True)]
     return hashlib.sha256("\0".join(items).encode()).hexdigest()
 
@@ -298,4 +297,4 @@ def verify_prepared(prepared_dir: str | Path, tokenizer: str | Path | Tokenizer 
     return TokenStore(prepared_dir, verify="sha256", tokenizer_sha256=sha).manifest
 
 
-__all__ = ["prepare", "verify_prepared", "CorruptCorpusError", "file_sha256"]
+__all__ = ["prepare", "verify_prepared", "CorruptCorpusError"]

@@ -65,7 +65,6 @@ class TextSource:
     text_field: str = "text"
     split: str = "train"
     max_documents: int | None = None
-    is_tokenized = False
 
     def describe(self) -> dict:
         d = {"spec": self.spec, "kind": self.kind, "text_field": self.text_field}
@@ -142,7 +141,6 @@ class MegatronSource:
     spec: str
     prefix: str
     max_documents: int | None = None
-    is_tokenized = True
 
     def describe(self) -> dict:
         d = {"spec": self.spec, "kind": "megatron", "prefix": self.prefix}

@@ -1,7 +1,6 @@
 """Sources, tokenizer, and ``prepare``: content, no-op re-runs, clean restarts, and clear errors on damage."""
 
 import json
-import os
 
 import numpy as np
 import pytest
