@@ -66,19 +66,20 @@ def fwd_and_fwdbwd(call, inputs, reps: int, device, warmup: bool = True):
     return best_time(fwd, reps, device, warmup), best_time(fwdbwd, reps, device, warmup)
 
 
-def make_calls(args, device, dtype):
-    """name -> (fn(q, k, v) -> o, layout) for every method available here; layout 'bhtd' or 'bthd'."""
+def make_calls(args, device):
+    """name -> (fn(q, k, v) -> o, layout, quadratic) for every method available here; layout 'bhtd' or 'bthd'.
+    The first entry is ours."""
     slope = tnl_slopes(args.heads).to(device)
     backend = args.backend
     calls = {
-        f"lightning[{backend}]": (lambda q, k, v: lightning_attn(q, k, v, slope, backend=backend)[0], "bhtd"),
-        "sdpa_causal": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), "bhtd"),
+        f"lightning[{backend}]": (lambda q, k, v: lightning_attn(q, k, v, slope, backend=backend)[0], "bhtd", False),
+        "sdpa_causal": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), "bhtd", True),
     }
     if device.type == "cuda":
         try:
             from flash_attn import flash_attn_func
 
-            calls["flash_attn"] = (lambda q, k, v: flash_attn_func(q, k, v, causal=True), "bthd")
+            calls["flash_attn"] = (lambda q, k, v: flash_attn_func(q, k, v, causal=True), "bthd", True)
         except ImportError:
             pass
         try:
@@ -87,7 +88,7 @@ def make_calls(args, device, dtype):
             def fla_call(q, k, v):
                 return chunk_simple_gla(q, k, v, g_gamma=-slope, scale=1.0)[0]
 
-            calls["fla_chunk_simple_gla"] = (fla_call, "bthd")
+            calls["fla_chunk_simple_gla"] = (fla_call, "bthd", False)
         except ImportError:
             pass
     return calls
@@ -96,14 +97,13 @@ def make_calls(args, device, dtype):
 def run(args) -> list[dict]:
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    calls = make_calls(args, device, dtype)
+    calls = make_calls(args, device)
     rows = []
     for T in args.seqlens:
         g = torch.Generator().manual_seed(T)
         q, k, v = (torch.randn(args.batch, args.heads, T, args.dim, generator=g) * 0.3 for _ in range(3))
         row = {"T": T}
-        for name, (call, layout) in calls.items():
-            quadratic = name != next(iter(calls)) and not name.startswith("fla")
+        for name, (call, layout, quadratic) in calls.items():
             if quadratic and T > args.sdpa_max_t:
                 row[name] = None
                 continue
