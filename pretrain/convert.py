@@ -96,8 +96,8 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple]:
 def check_state(cfg: ModelConfig, state: dict, where: str, rename=lambda k: k) -> None:
     """Refuse missing/unexpected keys and shape mismatches, naming the tensor as `where` spells it."""
     want = expected_shapes(cfg)
-    if cfg.arch == "llama" and cfg.tie_embeddings and "lm_head.weight" not in state:
-        want.pop("lm_head.weight")
+    if (cfg.arch == "tnl" or cfg.tie_embeddings) and "lm_head.weight" not in state:
+        want.pop("lm_head.weight")  # tied: transformers' save_pretrained stores the embedding only
     missing = [rename(k) for k in want if k not in state]
     unexpected = [rename(k) for k in state if k not in want]
     if missing or unexpected:

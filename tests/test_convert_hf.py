@@ -14,7 +14,7 @@ import torch  # noqa: E402
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from data_pipeline.tokenizer import train_tokenizer  # noqa: E402
+from data_pipeline.tokenizer import load_tokenizer  # noqa: E402
 from model import ModelConfig, build_model  # noqa: E402
 from model.generate import greedy_generate  # noqa: E402
 from pretrain import checkpoint  # noqa: E402
@@ -83,10 +83,18 @@ def load_hf(folder):
 
 @pytest.fixture(scope="module")
 def sp_model(tmp_path_factory):
-    """A tiny sentencepiece model trained here (vocab 100, no byte fallback so 100 pieces suffice)."""
+    """A tiny sentencepiece model trained here (vocab 100, no byte fallback so 100 pieces suffice), loaded by ours."""
+    import sentencepiece as spm
+
     path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
-    texts = [TEXT * 4, TEXT.upper() * 2, "the quick brown fox jumps over the lazy dog\n" * 20]
-    return train_tokenizer(texts, path, vocab_size=100, byte_fallback=False, sample_bytes=20_000), path
+    lines = (TEXT * 4 + TEXT.upper() * 2 + "the quick brown fox jumps over the lazy dog\n" * 20).splitlines()
+    # the options data_pipeline/tokenizer.py trains with (text kept exactly, ids unk 0, bos 1, eos 2, pad 3)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter([line for line in lines if line.strip()]), model_prefix=str(path.with_suffix("")),
+        vocab_size=100, model_type="bpe", byte_fallback=False, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, split_digits=True,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=3, num_threads=1, minloglevel=2)
+    return load_tokenizer(path), path
 
 
 @pytest.fixture(scope="module")
@@ -265,3 +273,25 @@ def test_tokenizer_encodes_like_ours(tnl_export, sp_model):
         assert tok.decode(ours.encode(s)) == ours.decode(ours.encode(s)), repr(s)
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id) == (1, 2, 3, 0)
     assert tok.decode([1] + ours.encode("hello") + [2], skip_special_tokens=True) == "hello"
+
+
+def test_bfloat16_export_and_refusing_to_overwrite(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    model = save_run(tmp_path / "run", tnl_cfg())
+    assert main(["--to", "hf", str(tmp_path / "run"), str(tmp_path / "hf"), "--dtype", "bfloat16"]) == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert {t.dtype for t in hf_tensors(tmp_path / "hf").values()} == {torch.bfloat16}
+    # the same function: our model with bf16-rounded weights, both computing in fp32
+    rounded = build_model(model.cfg).eval()
+    rounded.load_state_dict({k: v.to(torch.bfloat16).float() for k, v in model.state_dict().items()})
+    dtype_kw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), trust_remote_code=True,
+                                              **{dtype_kw: torch.float32}).eval()
+    ids = torch.randint(0, 128, (1, 30))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, rounded(ids), atol=1e-5, rtol=1e-5)
+    assert main(["--to", "hf", str(tmp_path / "run"), str(tmp_path / "hf")]) == 1
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["--to", "hf", str(tmp_path / "run"), str(tmp_path / "hf"), "--overwrite"]) == 0
+    assert {t.dtype for t in hf_tensors(tmp_path / "hf").values()} == {torch.float32}
