@@ -135,8 +135,9 @@ def report(rows, args) -> str:
         lines.append(f"\nours vs SDPA fwd+bwd at T={r['T']}: {r[ours][1] / r['sdpa_causal'][1]:.1f}x "
                      f"(fwd {r[ours][0] / r['sdpa_causal'][0]:.1f}x)")
     ref = max((r for r in rows if r["T"] <= 32768), key=lambda r: r["T"])
-    lines.append(f"ours fwd+bwd tokens/s at T={rows[0]['T']} / at T={ref['T']}: "
-                 f"{rows[0][ours][1] / ref[ours][1]:.2f} (fwd {rows[0][ours][0] / ref[ours][0]:.2f}; 1.0 = linear cost)")
+    first = rows[0]
+    lines.append(f"ours fwd+bwd tokens/s at T={first['T']} / at T={ref['T']}: {first[ours][1] / ref[ours][1]:.2f} "
+                 f"(fwd {first[ours][0] / ref[ours][0]:.2f}; 1.0 = linear cost)")
     return "\n".join(lines)
 
 

@@ -65,7 +65,7 @@ class _TritonLightning(torch.autograd.Function):
         ds_in = torch.empty(B, H, Dk, Dv, device=q.device, dtype=torch.float32)
         dfinal = None if dfinal is None else dfinal.to(torch.float32).contiguous()
         lightning_bwd_dq_kernel[(B * H, NV)](
-            q, k, v, do, dq_part, s_in32 if s_in32 is not None else ds_in, slope32, T, H, NB, Dk, Dv, B * H,
+            k, v, do, dq_part, s_in32 if s_in32 is not None else ds_in, slope32, T, H, NB, Dk, Dv, B * H,
             HAS_S_IN=s_in32 is not None, PREC=prec, BLOCK=BLOCK, DKP=DKP, BV=BV, num_warps=warps)
         lightning_bwd_dkv_kernel[(B * H, NV)](
             q, k, v, do, dk_part, dv, dfinal if dfinal is not None else ds_in, ds_in, slope32, T, H, NB, Dk, Dv,

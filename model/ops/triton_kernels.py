@@ -71,7 +71,7 @@ def lightning_fwd_kernel(Q, K, V, O, S_IN, S_OUT, SLOPE, T, H, NB, DK, DV,
 
 
 @triton.jit
-def lightning_bwd_dq_kernel(Q, K, V, DO, DQ_PART, S_IN, SLOPE, T, H, NB, DK, DV, BH,
+def lightning_bwd_dq_kernel(K, V, DO, DQ_PART, S_IN, SLOPE, T, H, NB, DK, DV, BH,
                             HAS_S_IN: tl.constexpr, PREC: tl.constexpr,
                             BLOCK: tl.constexpr, DKP: tl.constexpr, BV: tl.constexpr):
     """Forward sweep: dQ_j = [(dO_j V_jᵀ) ⊙ M] K_j + qd ⊙ (dO_j Sᵀ), partial over this Dv slice."""
@@ -81,7 +81,6 @@ def lightning_bwd_dq_kernel(Q, K, V, DO, DQ_PART, S_IN, SLOPE, T, H, NB, DK, DV,
     ri = tl.arange(0, BLOCK)
     rk = tl.arange(0, DKP)
     rv = pid_v * BV + tl.arange(0, BV)
-    q_base = Q + pid_bh * T * DK
     k_base = K + pid_bh * T * DK
     v_base = V + pid_bh * T * DV
     do_base = DO + pid_bh * T * DV
