@@ -281,7 +281,8 @@ def read_hf_weights(hf_dir: Path) -> dict:
 # tokenizer
 # ------------------------------------------------------------------------------------------------------------
 def find_tokenizer(meta: dict, ckpt: Path) -> Path | None:
-    """The sentencepiece model a checkpoint was trained with: data.tokenizer, else the prepared folder's."""
+    """The sentencepiece model a checkpoint was trained with: data.tokenizer, else the prepared folder's
+    tokenizer.model (relative paths as the run saw them, i.e. from the current folder), else one beside it."""
     data = (meta.get("config") or {}).get("data") or {}
     candidates = []
     if data.get("tokenizer"):
@@ -289,11 +290,7 @@ def find_tokenizer(meta: dict, ckpt: Path) -> Path | None:
     if data.get("prepared_dir"):
         candidates.append(Path(data["prepared_dir"]) / "tokenizer.model")
     candidates.append(ckpt / "tokenizer.model")
-    for c in candidates:
-        for p in ([c] if c.is_absolute() else [c, ckpt.parent.parent.parent / c]):
-            if p.is_file():
-                return p
-    return None
+    return next((p for p in candidates if p.is_file()), None)
 
 
 def tokenizer_ids(tok_path: Path | None) -> tuple[dict, dict]:
@@ -387,6 +384,7 @@ def export_hf(ckpt, out, tokenizer=None, max_shard_size="5GB", dtype: str | None
                 shutil.copyfile(HF_DIR / name, tmp / name)
         if tok_path is not None:
             write_tokenizer(tok_path, tmp, pieces, cfg.vocab_size)
+            print(f"[convert] tokenizer: {tok_path}")
         else:
             print(f"[convert] no tokenizer found for {ckpt_dir} (pass --tokenizer PATH): the export has none",
                   file=sys.stderr)
