@@ -11,6 +11,7 @@ from model.ops import lightning_attn, lightning_attn_step  # noqa: E402
 from model.ops.chunked import chunked_attn  # noqa: E402
 
 # a large decay (first layers), moderate ones, and the last layer's near-zero slope (λ ≈ 1)
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter runs on CPU tensors
 SLOPES = torch.tensor([0.7, 0.1, 0.5e-5, 2.0**-8 * 1e-5])
 
 
@@ -117,6 +118,22 @@ def test_final_state_only_when_asked_and_auto_on_cpu():
     torch.testing.assert_close(f_auto, f_ch, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("backend", ["chunked", pytest.param("triton", marks=pytest.mark.triton)])
+def test_grads_through_final_state_only(backend):
+    """The chunking/sequence-parallel use: only the final state feeds the loss (o's gradient is None)."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    (q, k, v), slope, s0, _, dfinal = make_inputs(1, 2, 40, 16, 16, device=TRITON_DEVICE)
+    xs = [x.clone().requires_grad_() for x in (q, k, v, s0)]
+    _, final = lightning_attn(*xs[:3], slope, xs[3], True, backend=backend)
+    (final * dfinal).sum().backward()
+    ys = [x.clone().double().requires_grad_() for x in (q, k, v, s0)]
+    _, final_ref = lightning_attn(*ys[:3], slope.double(), ys[3], True, backend="naive")
+    (final_ref * dfinal.double()).sum().backward()
+    assert xs[0].grad.abs().max() == 0 and ys[0].grad is None
+    assert_parity([final] + [x.grad for x in xs[1:]], [final_ref] + [y.grad for y in ys[1:]], 1e-6)
+
+
 @pytest.mark.parametrize("unsqueezed", [False, True])
 def test_step_matches_sequence(unsqueezed):
     (q, k, v), slope, s0, _, _ = make_inputs(2, 3, 6, 16, 24)
@@ -163,8 +180,6 @@ def test_step_bad_input_raises():
 
 
 # ---- triton: the exact kernel code, under the interpreter on CPU (fp32 only: interpreted bf16 is unreliable)
-
-TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.mark.triton

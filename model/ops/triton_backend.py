@@ -43,15 +43,18 @@ class _TritonLightning(torch.autograd.Function):
         prec = "ieee" if q.dtype == torch.float32 else "tf32"
         lightning_fwd_kernel[(B * H, NV)](
             q, k, v, o, s_in32 if s_in32 is not None else s_out, s_out, slope32, T, H, triton.cdiv(T, BLOCK),
-            Dk, Dv, HAS_S_IN=s_in32 is not None, STORE_S_OUT=True, PREC=prec,
+            Dk, Dv, HAS_S_IN=s_in32 is not None, STORE_S_OUT=bool(output_final_state), PREC=prec,
             BLOCK=BLOCK, DKP=DKP, BV=BV, num_warps=warps)
         ctx.save_for_backward(q, k, v, slope32, s_in32)
+        ctx.set_materialize_grads(False)  # an unused final state then costs no zero-filled gradient
         ctx.has_s_in = s_in is not None
         ctx.s_in_dtype = None if s_in is None else s_in.dtype
-        return o, s_out
+        return o, s_out  # s_out is left unwritten unless output_final_state; triton_attn then drops it
 
     @staticmethod
     def backward(ctx, do, dfinal):
+        if do is None:
+            do = torch.zeros_like(ctx.saved_tensors[2])
         q, k, v, slope32, s_in32 = ctx.saved_tensors
         B, H, T, Dk = q.shape
         Dv = v.shape[-1]
