@@ -31,6 +31,25 @@ def dry_run(cfg) -> None:
     print(f"parameters: {n:,} ({n / 1e9:.3f}B)")
     print(f"training FLOPs per token at seq_len {seq}: {flops_per_token(cfg.model, seq):.4e}")
     print(f"layout: dp={p.dp} pp={p.pp} cp={p.cp} tp={p.tp} world_size={p.dp * p.pp * p.cp * p.tp}")
+    print_mesh(cfg)
+
+
+def print_mesh(cfg) -> None:
+    """Build the whole mesh on torch's fake process-group backend (no peers, no traffic) and print it."""
+    from parallel.parallelize import fake_mesh
+
+    p = cfg.parallel
+    mesh = fake_mesh(p, cfg.model, cfg.data)
+    ranks = mesh.mesh
+    print(f"mesh: {tuple(mesh.mesh_dim_names)} shape {tuple(ranks.shape)} (fake backend, this process is rank 0)")
+    for i, name in enumerate(mesh.mesh_dim_names):
+        group = ranks.movedim(i, -1).reshape(-1, ranks.shape[i])[0].tolist()
+        shown = group if len(group) <= 8 else group[:4] + ["..."] + group[-2:]
+        print(f"  {name}: size {ranks.shape[i]}, rank 0's group {shown}")
+    per_stage = cfg.model.layers // p.pp
+    print(f"  per rank: {cfg.model.heads // p.tp} of {cfg.model.heads} heads, {per_stage} of {cfg.model.layers} layers "
+          f"(stage s holds layers [s*{per_stage}, (s+1)*{per_stage})), 1/{p.cp} of each sequence, "
+          f"1/{p.dp} of the batch")
 
 
 def main(argv=None) -> int:
@@ -41,7 +60,13 @@ def main(argv=None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     if args.dry_run:
-        dry_run(cfg)
+        from parallel.mesh import LayoutError
+
+        try:
+            dry_run(cfg)
+        except LayoutError as e:
+            print(f"layout error: {e}", file=sys.stderr)
+            return 2
         return 0
     from pretrain.trainer import Trainer
 
