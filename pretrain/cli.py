@@ -54,6 +54,12 @@ def _bench(argv) -> int:
     return importlib.import_module(f"bench.{argv[0]}").main(argv[1:]) or 0
 
 
+def _convert(argv) -> int:
+    from pretrain.convert import main as convert_main
+
+    return convert_main(argv)
+
+
 def _not_yet(verb: str):
     def run(argv) -> int:
         print(f"lightspan {verb}: not yet available in this version (see the open issues in README.md)",
@@ -74,7 +80,7 @@ def main(argv=None) -> int:
 
         return train_main(rest)
     verbs = {"prepare": _prepare, "data": _data, "bench": _bench,
-             "convert": _not_yet("convert"), "eval": _not_yet("eval")}
+             "convert": _convert, "eval": _not_yet("eval")}
     if verb not in verbs:
         print(f"unknown verb {verb!r}\n{USAGE}", file=sys.stderr)
         return 2

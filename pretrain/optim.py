@@ -29,6 +29,5 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
 
 
 def build_scheduler(optimizer, train_cfg) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, train_cfg.warmup_steps, train_cfg.steps, train_cfg.min_lr_ratio)
-    )
+    warmup, total, min_ratio = train_cfg.warmup_steps, train_cfg.steps, train_cfg.min_lr_ratio  # frozen here
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total, min_ratio))

@@ -107,8 +107,10 @@ class Trainer:
         print(f"resumed from {path} at step {self.step}", flush=True)
 
     # -- loop --------------------------------------------------------------------------------------
-    def train(self) -> list[float]:
+    def train(self, stop_after: int | None = None) -> list[float]:
+        """Train to train.steps (or stop once `stop_after` steps are done, saving first). Returns the losses."""
         cfg, tc = self.cfg, self.cfg.train
+        last = tc.steps if stop_after is None else min(stop_after, tc.steps)
         self.maybe_resume()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
@@ -117,7 +119,7 @@ class Trainer:
         losses = []
         window = {"tokens": 0, "flops": 0.0, "time": 0.0, "wait": 0.0}
         self.model.train()
-        while self.step < tc.steps:
+        while self.step < last:
             t0 = time.perf_counter()
             batch = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in next(self.loader).items()}
             t_data = time.perf_counter()
@@ -148,7 +150,7 @@ class Trainer:
                     "memory_bytes": memory_bytes(self.device), "data_wait": window["wait"] / window["time"],
                 }, tc.steps)
                 window = {"tokens": 0, "flops": 0.0, "time": 0.0, "wait": 0.0}
-            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < tc.steps:
+            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < last:
                 self.save()
         final = self.save()
         print(f"checkpoint: {final.resolve()}\ntensorboard: {(self.run_dir / 'tensorboard').resolve()}", flush=True)
