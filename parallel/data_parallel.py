@@ -19,13 +19,24 @@ def apply_fsdp(model: nn.Module, dp_mesh, reshard_after_forward: bool = True, mp
     """fully_shard every block, then the root (embedding, tied head, final norm). dp_mesh: 1-D."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    kw = {"mesh": dp_mesh, "mp_policy": mp_policy or MixedPrecisionPolicy()}
+    kw = {"mesh": dp_mesh, "mp_policy": mp_policy or MixedPrecisionPolicy(), "shard_placement_fn": _fsdp_placement}
     blocks = list(model.layers.values())
     for i, block in enumerate(blocks):
         # The last block is gathered again at once by the root's backward: keeping it avoids a round trip.
         fully_shard(block, reshard_after_forward=reshard_after_forward and i < len(blocks) - 1, **kw)
     fully_shard(model, reshard_after_forward=reshard_after_forward, **kw)
     return model
+
+
+def _fsdp_placement(param):
+    """FSDP shards dim 0, except for weights that tp already shards with a stride on dim 0 ([Q|K|V|U]):
+    a dp shard nested inside that stride has no DTensor placement, so FSDP takes their columns (dim 1)."""
+    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    if isinstance(param, DTensor) and any(isinstance(p, _StridedShard) and p.dim == 0 for p in param.placements):
+        return Shard(1)
+    return None
 
 
 def deepspeed_config(train_cfg, zero_stage: int, dp_size: int, grad_accum: int) -> dict:
