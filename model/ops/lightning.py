@@ -11,6 +11,8 @@ over T1 + T2 tokens. Equivalently S = λS + kᵀv, o = qS token by token. No 1/s
 
 Shapes: q, k (B, H, T, Dk); v (B, H, T, Dv); slope (H,); states (B, H, Dk, Dv).
 The state and all accumulation are fp32 (fp64 when the inputs are fp64); o has the input dtype.
+Gradients flow to q, k, v and the initial state; the chunked and triton backends give slope none (TNL's
+decays are fixed buffers).
 """
 
 from __future__ import annotations
