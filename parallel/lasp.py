@@ -64,7 +64,8 @@ def local_state(k: torch.Tensor, v: torch.Tensor, slope: torch.Tensor) -> torch.
     C = k.shape[2]
     s = torch.arange(C - 1, -1, -1, device=k.device, dtype=ct)  # C-1-s
     kd = torch.exp(-slope.to(ct).view(-1, 1, 1) * s.view(1, -1, 1))  # (H, C, 1); only multiplies by λ <= 1
-    return (k.to(ct) * kd).transpose(-1, -2) @ v.to(ct)
+    with torch.autocast(k.device.type, enabled=False):  # the state stays fp32 under bf16 autocast
+        return (k.to(ct) * kd).transpose(-1, -2) @ v.to(ct)
 
 
 # torch 2.13 renamed all_gather_into_tensor to all_gather_single (same call); looked up at call time so a
