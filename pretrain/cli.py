@@ -12,10 +12,10 @@ verbs:
   train     pretrain from a YAML config (same as `python -m pretrain`)
   convert   checkpoint <-> Hugging Face conversion
   eval      long-context evaluation
-  bench     benchmarks: `lightspan bench {lightning,loader}`
+  bench     benchmarks: `lightspan bench {lightning,loader,lasp}`
 """
 
-BENCHES = ("lightning", "loader")
+BENCHES = ("lightning", "loader", "lasp")
 
 
 def _prepare(argv) -> int:
