@@ -9,6 +9,10 @@ def build_model(cfg: ModelConfig):
         from .tnl import TransnormerLM
 
         return TransnormerLM(cfg)
+    if cfg.arch == "sharedllm":  # forward(context_chunks, input_ids): not the trainer's (input_ids) call
+        from .sharedllm import SharedLLM
+
+        return SharedLLM(cfg)
     from .llama import LlamaLM
 
     return LlamaLM(cfg)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 @dataclass
 class ModelConfig:
-    arch: str = "tnl"  # "tnl" (TransNormerLLM on lightning attention) or "llama" (softmax baseline)
+    arch: str = "tnl"  # "tnl" (TransNormerLLM), "llama" (softmax baseline), "sharedllm" (TNL + compressor)
     vocab_size: int = 64000
     dim: int = 1024  # TNL: decoder_embed_dim == hidden_dim
     layers: int = 24
@@ -20,7 +20,19 @@ class ModelConfig:
     norm_eps: float = 1e-6
     init_std: float = 0.02
     attn_backend: str = "auto"  # lightning_attn backend: auto | naive | recurrent | chunked | triton
-    # llama baseline only
+    # TNL hybrids: one letter per layer, L lightning / S softmax (RoPE), tiled over the layers ("LLLLLLLS")
+    attention_pattern: str = "L"
+    # SharedLLM compressor (arch "sharedllm"): lower tower = the first M layers, read by cross-attention in the
+    # lowest M upper layers; each context chunk of `sharedllm_chunk` tokens is halved `sharedllm_depth` times
+    # (depth+1 tree nodes), every node keeping `sharedllm_node_positions` positions
+    sharedllm_layers: int = 4
+    sharedllm_chunk: int = 1024
+    sharedllm_depth: int = 3
+    sharedllm_node_positions: int = 32
+    sharedllm_lower: str = "shared"  # shared (same weights as the upper tower) | copy (own weights)
+    sharedllm_trainable: str = "all"  # all | cross (only the cross-attention blocks train)
+    sharedllm_select: str = "right"  # right (language modelling) | query (cosine to the query's summary)
+    # softmax layers (llama baseline, hybrid S layers, cross-attention)
     rope_theta: float = 10000.0
     tie_embeddings: bool = True
 
@@ -28,10 +40,14 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.dim // self.heads
 
+    def layer_kind(self, layer: int) -> str:
+        """'L' (lightning) or 'S' (softmax) for a TNL layer: attention_pattern tiled over the layers."""
+        return self.attention_pattern[layer % len(self.attention_pattern)]
+
     def validate(self) -> None:
         """Raise ValueError naming the field when the shapes cannot work."""
-        if self.arch not in ("tnl", "llama"):
-            raise ValueError(f"model.arch must be one of ['tnl', 'llama'], got {self.arch!r}")
+        if self.arch not in ("tnl", "llama", "sharedllm"):
+            raise ValueError(f"model.arch must be one of ['tnl', 'llama', 'sharedllm'], got {self.arch!r}")
         for name in ("vocab_size", "dim", "layers", "heads", "glu_dim"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
@@ -46,3 +62,28 @@ class ModelConfig:
         backends = ("auto", "naive", "recurrent", "chunked", "triton")
         if self.attn_backend not in backends:
             raise ValueError(f"model.attn_backend must be one of {list(backends)}, got {self.attn_backend!r}")
+        if not self.attention_pattern or set(self.attention_pattern) - {"L", "S"}:
+            raise ValueError(f"model.attention_pattern must be letters L (lightning) / S (softmax) only, "
+                             f"e.g. 'LLLLLLLS', got {self.attention_pattern!r}")
+        if self.arch == "sharedllm":
+            self._validate_sharedllm()
+
+    def _validate_sharedllm(self) -> None:
+        m = self.sharedllm_layers
+        if not 1 <= m <= self.layers:
+            raise ValueError(f"model.sharedllm_layers ({m}) must be between 1 and model.layers ({self.layers})")
+        if self.sharedllm_depth < 1 or self.sharedllm_node_positions < 1:
+            raise ValueError(f"model.sharedllm_depth ({self.sharedllm_depth}) and model.sharedllm_node_positions "
+                             f"({self.sharedllm_node_positions}) must be positive")
+        unit = 2 ** self.sharedllm_depth * self.sharedllm_node_positions
+        if self.sharedllm_chunk % unit:
+            raise ValueError(f"model.sharedllm_chunk ({self.sharedllm_chunk}) must be a multiple of "
+                             f"2^sharedllm_depth * sharedllm_node_positions = {unit}: every tree node (the "
+                             f"leaves hold chunk/2^depth tokens) is subsampled by a whole stride")
+        for name, allowed in (("sharedllm_lower", ("shared", "copy")), ("sharedllm_trainable", ("all", "cross")),
+                              ("sharedllm_select", ("right", "query"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"model.{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
+        if any(self.layer_kind(i) == "S" for i in range(m)):
+            raise ValueError(f"model.attention_pattern {self.attention_pattern!r}: the SharedLLM lower tower "
+                             f"(the first {m} layers) must be lightning layers 'L'")

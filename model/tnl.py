@@ -19,6 +19,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .ops import lightning_attn
+from .softmax_attention import SoftmaxMixer
 
 
 class SRMSNorm(nn.Module):
@@ -128,7 +129,8 @@ class TNLBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.token_norm = SRMSNorm(cfg.norm_eps)
-        self.token_mixer = TokenMixer(cfg, layer)
+        # hybrids (cfg.attention_pattern): an 'S' layer mixes tokens with RoPE softmax attention instead
+        self.token_mixer = TokenMixer(cfg, layer) if cfg.layer_kind(layer) == "L" else SoftmaxMixer(cfg, layer)
         self.channel_norm = SRMSNorm(cfg.norm_eps)
         self.channel_mixer = SGLU(cfg.dim, cfg.glu_dim)
 

@@ -1,0 +1,216 @@
+"""SharedLLM-style context compressor on TNL (DESIGN section 5).
+
+    logits = SharedLLM(cfg)(context_chunks (B, n, C), input_ids (B, T))  -> (B, T, V), loss on the running text
+
+Lower tower: the first M layers of a TNL (the decoder's own weights, or a copy), run over each context chunk
+independently (positions from 0, always on this process). Per lower layer j it yields the per-position
+post-activation keys k = silu(x W_k) and values v = x W_v, (H, hd) per position, i.e. what the lightning
+mixer attends with (before LRPE).
+
+Context tree per chunk (depth d, p positions per node): the span [0, C) is halved d times; at each of the
+first d-1 halvings one half is expanded further and the other becomes a coarse node; the last halving keeps
+both halves as leaves. Each node of length l keeps p positions by uniform stride (the last token of each of
+its p windows of l/p tokens). C=1024, d=3, p=32: 512->32, 256->32, 2x128->2x32 = 128 positions (8x).
+Which half to expand: `right` (language modelling: the half nearest the running text) or `query`: the half
+whose summary (the mean of the last lower layer's keys over the half) has the larger cosine similarity with
+the query's summary (the same mean over `query_ids` run through the lower tower).
+
+Upper tower: the TNL decoder over the running text; in its lowest M layers a cross-attention block follows
+the token mixer: x = x + o_proj(Attn(q_proj(SRMSNorm(x)), K_j, V_j)), with no k/v projections (upper layer j
+reads lower layer j's keys/values directly). RoPE at chunk level: every key of chunk i has position i, every
+query position n (the number of chunks), so a query sees how far back a chunk lies. o_proj starts at zero:
+an untrained compressor leaves a pretrained TNL's outputs unchanged.
+
+Under sequence parallelism (`parallel.dist_attention`): each cp rank passes its own chunks (with
+`chunk_offset`, `total_chunks`) and its running-text shard; the memory stays spread over the ranks and the
+cross-attention's `attn_op` (ring or Ulysses, non-causal) attends to all of it.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .ops import lightning_attn
+from .softmax_attention import LocalSoftmaxAttention, rope
+from .tnl import SRMSNorm, TransnormerLM
+
+
+class CrossAttention(nn.Module):
+    """x (B, T, D) attends to a memory k, v (B, H, M, hd); returns (B, T, D). Not causal.
+
+    q_position: the queries' (shared) RoPE position; k_positions: (M,) the keys' positions.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.heads, self.head_dim, self.theta = cfg.heads, cfg.head_dim, cfg.rope_theta
+        hidden = cfg.heads * cfg.head_dim
+        self.norm = SRMSNorm(cfg.norm_eps)
+        self.q_proj = nn.Linear(cfg.dim, hidden, bias=False)
+        self.o_proj = nn.Linear(hidden, cfg.dim, bias=False)
+        self.attn_op = LocalSoftmaxAttention()
+
+    def forward(self, x, k, v, q_position: int, k_positions: torch.Tensor):
+        b, t, _ = x.shape
+        q = self.q_proj(self.norm(x)).reshape(b, t, -1, self.head_dim).transpose(1, 2)
+        q = rope(q, torch.full((1,), q_position, device=x.device), self.theta)
+        k = rope(k, k_positions, self.theta)
+        o = self.attn_op(q, k, v, causal=False)
+        return self.o_proj(o.transpose(1, 2).reshape(b, t, -1))
+
+
+def _half_means(cum: torch.Tensor, start: torch.Tensor, length: int) -> torch.Tensor:
+    """Mean of feats[start : start+length] per row from cum = [0, cumsum(feats)]: (N, C+1, F) -> (N, F)."""
+    idx = lambda s: cum.gather(1, s.view(-1, 1, 1).expand(-1, 1, cum.shape[-1])).squeeze(1)  # noqa: E731
+    return (idx(start + length) - idx(start)) / length
+
+
+def build_tree(feats: torch.Tensor, depth: int, node_positions: int, query: torch.Tensor | None = None):
+    """The context tree of each chunk: which positions its nodes keep.
+
+    feats: (N, C, F) per-position summary features; query: (N, F) or None (always expand the right half).
+    Returns (index (N, (depth+1)*p) long, nodes [(start (N,), length)] in the same order: coarse nodes from
+    the top down, then the two leaves).
+    """
+    n, c, _ = feats.shape
+    p = node_positions
+    cum = F.pad(feats.double().cumsum(1), (0, 0, 1, 0)) if query is not None else None
+    start = torch.zeros(n, dtype=torch.long, device=feats.device)
+    nodes = []
+    length = c
+    for level in range(depth):
+        half = length // 2
+        left, right = start, start + half
+        if level == depth - 1:
+            nodes += [(left, half), (right, half)]
+            break
+        if query is None:
+            go_right = torch.ones(n, dtype=torch.bool, device=feats.device)
+        else:
+            sim_l = F.cosine_similarity(_half_means(cum, left, half), query.double(), dim=-1)
+            sim_r = F.cosine_similarity(_half_means(cum, right, half), query.double(), dim=-1)
+            go_right = sim_r > sim_l
+        nodes.append((torch.where(go_right, left, right), half))
+        start, length = torch.where(go_right, right, left), half
+    index = []
+    for node_start, node_len in nodes:
+        stride = node_len // p
+        offsets = torch.arange(1, p + 1, device=feats.device) * stride - 1  # last token of each window
+        index.append(node_start.view(-1, 1) + offsets.view(1, -1))
+    return torch.cat(index, dim=1), nodes
+
+
+def lower_block(block, x, full: bool = True):
+    """One lightning TNL block on whole chunks, always locally; also returns the mixer's k, v.
+
+    x: (N, C, D) -> (x_out, k (N, C, H, hd), v (N, C, H, hd)); x_out is None when not `full` (the last
+    lower layer only feeds its keys/values). Same math as TNLBlock/TokenMixer.forward (checked by the
+    tests), but never through an installed sequence-parallel op: chunks are not sharded.
+    """
+    mixer = block.token_mixer
+    n, c, _ = x.shape
+    q, k, v, u = mixer.qkvu_proj(block.token_norm(x)).chunk(4, dim=-1)
+    q, k = F.silu(q), F.silu(k)
+    k_out, v_out = k.reshape(n, c, -1, mixer.head_dim), v.reshape(n, c, -1, mixer.head_dim)
+    if not full:
+        return None, k_out, v_out
+    q, k, v = (z.reshape(n, c, -1, mixer.head_dim).transpose(1, 2) for z in (q, k, v))
+    if mixer.lrpe is not None:
+        q, k = mixer.lrpe(q), mixer.lrpe(k)
+    o, _ = lightning_attn(q, k, v, mixer.slope, backend=getattr(mixer.attn_op, "backend", "auto"))
+    x = x + mixer.out_proj(mixer.norm(o.transpose(1, 2).reshape(n, c, -1)) * u)
+    x = x + block.channel_mixer(block.channel_norm(x))
+    return x, k_out, v_out
+
+
+class SharedLLM(nn.Module):
+    """TNL decoder + its own first M layers as a context compressor. See the module docstring."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        if cfg.arch != "sharedllm":
+            raise ValueError(f"SharedLLM needs model.arch 'sharedllm', got {cfg.arch!r}")
+        self.cfg = cfg
+        self.decoder = TransnormerLM(dataclasses.replace(cfg, arch="tnl"))
+        m = cfg.sharedllm_layers
+        self.cross = nn.ModuleDict({str(j): CrossAttention(cfg) for j in range(m)})
+        for ca in self.cross.values():
+            nn.init.normal_(ca.q_proj.weight, std=cfg.init_std)
+            nn.init.zeros_(ca.o_proj.weight)
+        if cfg.sharedllm_lower == "copy":
+            self.lower_embed = copy.deepcopy(self.decoder.embed_tokens)
+            self.lower_layers = nn.ModuleDict({str(j): copy.deepcopy(self.decoder.layers[str(j)]) for j in range(m)})
+        self.set_trainable(cfg.sharedllm_trainable)
+
+    def set_trainable(self, which: str) -> None:
+        """'all': every parameter trains; 'cross': only the cross-attention blocks do."""
+        if which not in ("all", "cross"):
+            raise ValueError(f"model.sharedllm_trainable must be 'all' or 'cross', got {which!r}")
+        for name, p in self.named_parameters():
+            p.requires_grad_(which == "all" or name.startswith("cross."))
+
+    def _lower(self):
+        if self.cfg.sharedllm_lower == "copy":
+            return self.lower_embed, [self.lower_layers[str(j)] for j in range(self.cfg.sharedllm_layers)]
+        return self.decoder.embed_tokens, [self.decoder.layers[str(j)] for j in range(self.cfg.sharedllm_layers)]
+
+    def lower_tower(self, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """ids (N, C) -> per lower layer j, (k_j, v_j) each (N, C, H, hd). Layer M-1 runs only its projections."""
+        embed, layers = self._lower()
+        x = embed(ids) * self.decoder.embed_scale
+        kv = []
+        for j, block in enumerate(layers):
+            x, k, v = lower_block(block, x, full=j < len(layers) - 1)
+            kv.append((k, v))
+        return kv
+
+    def memory(self, context_chunks, query_ids=None, chunk_offset: int = 0):
+        """context_chunks (B, n, C) -> per layer j, (K_j, V_j) each (B, H, n*P, hd), and key positions (n*P,)."""
+        cfg = self.cfg
+        b, n, c = context_chunks.shape
+        if c != cfg.sharedllm_chunk:
+            raise ValueError(f"context chunks hold {c} tokens but model.sharedllm_chunk is {cfg.sharedllm_chunk}")
+        kv = self.lower_tower(context_chunks.reshape(b * n, c))
+        query = None
+        if cfg.sharedllm_select == "query":
+            if query_ids is None:
+                raise ValueError("model.sharedllm_select='query' needs query_ids (B, Tq)")
+            qk = self.lower_tower(query_ids)[-1][0]  # (B, Tq, H, hd)
+            query = qk.flatten(2).mean(1).repeat_interleave(n, dim=0)
+        with torch.no_grad():
+            index, _ = build_tree(kv[-1][0].flatten(2).detach(), cfg.sharedllm_depth, cfg.sharedllm_node_positions,
+                                  None if query is None else query.detach())
+        per_chunk = index.shape[1]
+        gather = index.view(b * n, per_chunk, 1, 1)
+        mem = []
+        for k, v in kv:
+            sel = [z.gather(1, gather.expand(-1, -1, *z.shape[2:])) for z in (k, v)]  # (B*n, P, H, hd)
+            mem.append(tuple(z.reshape(b, n * per_chunk, *z.shape[2:]).transpose(1, 2) for z in sel))
+        positions = torch.arange(chunk_offset, chunk_offset + n, device=index.device).repeat_interleave(per_chunk)
+        return mem, positions
+
+    def forward(self, context_chunks, input_ids, position_offset: int = 0, query_ids=None, chunk_offset: int = 0,
+                total_chunks: int | None = None):
+        """context_chunks (B, n, C), input_ids (B, T) -> logits (B, T, V).
+
+        Under cp: this rank's chunks (global chunk_offset, of total_chunks) and its running-text shard
+        (global start position_offset).
+        """
+        mem, positions = self.memory(context_chunks, query_ids, chunk_offset)
+        q_position = context_chunks.shape[1] if total_chunks is None else total_chunks
+        dec = self.decoder
+        x = dec.embed_tokens(input_ids) * dec.embed_scale
+        for j, block in enumerate(dec.layers.values()):
+            if j < len(mem):
+                x = x + block.token_mixer(block.token_norm(x), position_offset)
+                x = x + self.cross[str(j)](x, *mem[j], q_position, positions)
+                x = x + block.channel_mixer(block.channel_norm(x))
+            else:
+                x = block(x, position_offset)
+        return dec.lm_head(dec.final_norm(x))
