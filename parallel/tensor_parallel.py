@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import (
@@ -71,11 +70,28 @@ class BlockColwiseParallel(ParallelStyle):
         return distribute_module(module, device_mesh, self._partition, self._input, self._output)
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """y = sum over the group of x. Each rank's y scales only its own heads, so the true dL/dy is the sum of
+    the ranks' partial gradients: the backward is an all-reduce too."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        y = x.clone()
+        dist.all_reduce(y, op=dist.ReduceOp.SUM, group=group)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad, None
+
+
 class HeadShardedSRMSNorm(nn.Module):
     """SRMSNorm over a feature dim split across the tp group: x (B, T, N/p) holds this rank's heads.
 
-    out = x * rsqrt(sum_allranks(x^2) / N + eps); the sum is an autograd-aware all-reduce (its backward is
-    an all-reduce of the gradient, since every rank's output depends on every rank's x).
+    out = x * rsqrt(sum_allranks(x^2) / N + eps); the sum is an all-reduce whose backward all-reduces too.
     """
 
     def __init__(self, eps: float, group, tp: int):
@@ -84,7 +100,7 @@ class HeadShardedSRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.to(torch.promote_types(x.dtype, torch.float32))
-        sumsq = dist_fn.all_reduce(xf.pow(2).sum(-1, keepdim=True), op=dist.ReduceOp.SUM, group=self.group)
+        sumsq = _AllReduceSum.apply(xf.pow(2).sum(-1, keepdim=True), self.group)
         return (xf * torch.rsqrt(sumsq / (x.shape[-1] * self.tp) + self.eps)).type_as(x)
 
 

@@ -68,7 +68,17 @@ def main(argv=None) -> int:
             print(f"layout error: {e}", file=sys.stderr)
             return 2
         return 0
+    from parallel.mesh import LayoutError
     from pretrain.trainer import Trainer
 
-    Trainer(cfg).train()
+    try:
+        trainer = Trainer(cfg)
+    except LayoutError as e:  # the torchrun world does not fit the layout: refused before any work
+        print(f"layout error: {e}", file=sys.stderr)
+        return 2
+    try:
+        trainer.train()
+    finally:
+        if trainer.env is not None:
+            trainer.env.close()
     return 0

@@ -19,7 +19,8 @@ from model import build_model
 from model.flops import count_params, flops_per_token
 from pretrain import checkpoint
 from pretrain.config import Config, to_dict
-from pretrain.data import build_train_loader
+from pretrain.data import build_train_loader, ensure_prepared
+from pretrain.distributed import describe, full_state, load_full_state, setup_distributed
 from pretrain.metrics import MetricsLogger, device_peak, memory_bytes
 from pretrain.optim import build_optimizer, build_scheduler
 
@@ -58,45 +59,91 @@ class Trainer:
         if tc.threads > 0:
             torch.set_num_threads(tc.threads)
         torch.manual_seed(tc.seed)
-        self.loader, self.tokenizer_vocab = build_train_loader(cfg)
+        # Distributed (WORLD_SIZE > 1): mesh, this rank's data shard, parallelized model, shared TrainStep.
+        self.env = setup_distributed(cfg, self.device)
+        self.is_main = self.env is None or self.env.is_main
+        if self.env is None:
+            self.loader, self.tokenizer_vocab = build_train_loader(cfg)
+        else:
+            if self.is_main:  # one rank tokenizes; the others wait and find the shards complete
+                ensure_prepared(cfg)
+            self.env.barrier()
+            c, p = self.env.coords, cfg.parallel
+            self.loader, self.tokenizer_vocab = build_train_loader(cfg, c.dp, p.dp, c.cp, p.cp)
         if self.tokenizer_vocab > cfg.model.vocab_size:
             raise ValueError(f"the tokenizer has {self.tokenizer_vocab} tokens but model.vocab_size is "
                              f"{cfg.model.vocab_size}: raise model.vocab_size or use a smaller tokenizer")
         with torch.device(self.device):
             self.model = build_model(cfg.model)
-        self.optimizer = build_optimizer(self.model, tc)
+        self.n_params = count_params(self.model)
+        if self.env is not None:
+            from parallel.parallelize import parallelize
+
+            self.model = parallelize(self.model, self.env.mesh, cfg)
+        self.optimizer = build_optimizer(self.model, tc)  # after parallelize: it holds the sharded parameters
         self.scheduler = build_scheduler(self.optimizer, tc)
         self.step = 0
         self.tokens_seen = 0
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
                          if tc.precision == "bf16" else nullcontext())
-        self.metrics = MetricsLogger(self.run_dir, tensorboard=cfg.log.tensorboard, peak_flops=device_peak(self.device))
-        self.n_params = count_params(self.model)
+        self.train_step = None
+        if self.env is not None:
+            from parallel.parallelize import TrainStep
+
+            self.train_step = TrainStep(self.model, self.optimizer, self.scheduler, cfg, self.env.mesh, self.autocast)
+        # ranks of one step hold dp x cp disjoint shares of the batch (tp and pp ranks hold the same tokens)
+        self.token_share = cfg.parallel.dp * cfg.parallel.cp if self.env is not None else 1
+        self.metrics = (MetricsLogger(self.run_dir, tensorboard=cfg.log.tensorboard, peak_flops=device_peak(self.device))
+                        if self.is_main else None)
 
     # -- state -------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+        if self.env is not None:
+            model_state, optim_state = full_state(self.model, self.optimizer, self.train_step.engine)
+        else:
+            model_state, optim_state = self.model.state_dict(), self.optimizer.state_dict()
+        state = {
+            "model": model_state,
+            "optimizer": optim_state,
             "scheduler": self.scheduler.state_dict(),
             "loader": self.loader.state_dict(),
             "rng": {"torch": torch.get_rng_state()},
             "step": self.step,
             "tokens_seen": self.tokens_seen,
         }
+        if self.env is not None:  # each (dp, cp) rank reads its own shard of the data
+            state["loader_by_rank"] = self.env.all_gather_object(self.loader.state_dict())
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        checkpoint.load_model_state(self.model, state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.env is not None:
+            load_full_state(self.model, self.optimizer, state["model"], state["optimizer"], self.train_step.engine)
+            by_rank = state.get("loader_by_rank")
+            if not by_rank or len(by_rank) != self.env.world_size:
+                raise ValueError(f"the checkpoint's data-loader state is for {len(by_rank or [1])} rank(s), this run "
+                                 f"has {self.env.world_size}: resume data order on the layout it was saved with")
+            self.loader.load_state_dict(by_rank[self.env.rank])
+        else:
+            checkpoint.load_model_state(self.model, state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.loader.load_state_dict(state["loader"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.loader.load_state_dict(state["loader"])
         torch.set_rng_state(state["rng"]["torch"])
         self.step = int(state["step"])
         self.tokens_seen = int(state["tokens_seen"])
 
     def save(self) -> Path:
-        meta = {"config": to_dict(self.cfg), "tokens_seen": self.tokens_seen, "layout": {"world_size": 1}}
-        return checkpoint.save(self.run_dir, self.step, self.state_dict(), meta, self.cfg.checkpoint.keep_last)
+        p = self.cfg.parallel
+        layout = {"world_size": 1} if self.env is None else {"world_size": self.env.world_size, "dp": p.dp,
+                                                              "pp": p.pp, "cp": p.cp, "tp": p.tp}
+        meta = {"config": to_dict(self.cfg), "tokens_seen": self.tokens_seen, "layout": layout}
+        state = self.state_dict()  # every rank joins the gathers
+        path = checkpoint.checkpoint_dir(self.run_dir) / f"{checkpoint.PREFIX}{self.step:08d}"
+        if self.is_main:
+            path = checkpoint.save(self.run_dir, self.step, state, meta, self.cfg.checkpoint.keep_last)
+        if self.env is not None:
+            self.env.barrier()
+        return path
 
     def maybe_resume(self) -> None:
         path = checkpoint.resolve_resume(self.run_dir, self.cfg.checkpoint.resume)
@@ -104,7 +151,8 @@ class Trainer:
             return
         state, _ = checkpoint.load(path)
         self.load_state_dict(state)
-        print(f"resumed from {path} at step {self.step}", flush=True)
+        if self.is_main:
+            print(f"resumed from {path} at step {self.step}", flush=True)
 
     # -- loop --------------------------------------------------------------------------------------
     def train(self, stop_after: int | None = None) -> list[float]:
@@ -112,10 +160,11 @@ class Trainer:
         cfg, tc = self.cfg, self.cfg.train
         last = tc.steps if stop_after is None else min(stop_after, tc.steps)
         self.maybe_resume()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-        print(f"run folder: {self.run_dir.resolve()} | params {self.n_params / 1e6:.2f}M | device {self.device}",
-              flush=True)
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+            where = f"device {self.device}" + (f" | {describe(self.env)}" if self.env is not None else "")
+            print(f"run folder: {self.run_dir.resolve()} | params {self.n_params / 1e6:.2f}M | {where}", flush=True)
         losses = []
         window = {"tokens": 0, "flops": 0.0, "time": 0.0, "wait": 0.0}
         self.model.train()
@@ -123,25 +172,29 @@ class Trainer:
             t0 = time.perf_counter()
             batch = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in next(self.loader).items()}
             t_data = time.perf_counter()
-            loss, n_tokens = step_loss(self.model, batch, tc.grad_accum, self.autocast)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
             lr = self.scheduler.get_last_lr()[0]
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            if self.train_step is not None:
+                loss, grad_norm = self.train_step(batch)
+                n_tokens = batch["input_ids"].numel() * self.token_share
+            else:
+                loss, n_tokens = step_loss(self.model, batch, tc.grad_accum, self.autocast)
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
             self.tokens_seen += n_tokens
             loss_value = float(loss)
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f"loss is {loss_value} at step {self.step}; lower train.lr or check the data")
             losses.append(loss_value)
-            seq_len = batch["input_ids"].shape[1]
+            seq_len = batch["input_ids"].shape[1] * (self.cfg.parallel.cp if self.env is not None else 1)
             t1 = time.perf_counter()
             window["tokens"] += n_tokens
             window["flops"] += n_tokens * flops_per_token(cfg.model, seq_len)
             window["time"] += t1 - t0
             window["wait"] += t_data - t0
-            if self.step % cfg.log.every == 0 or self.step == tc.steps:
+            if self.is_main and (self.step % cfg.log.every == 0 or self.step == tc.steps):
                 self.metrics.log({
                     "step": self.step, "loss": loss_value, "grad_norm": float(grad_norm), "lr": lr,
                     "seq_len": seq_len, "tokens": self.tokens_seen,
@@ -153,6 +206,7 @@ class Trainer:
             if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < last:
                 self.save()
         final = self.save()
-        print(f"checkpoint: {final.resolve()}\ntensorboard: {(self.run_dir / 'tensorboard').resolve()}", flush=True)
-        self.metrics.close()
+        if self.is_main:
+            print(f"checkpoint: {final.resolve()}\ntensorboard: {(self.run_dir / 'tensorboard').resolve()}", flush=True)
+            self.metrics.close()
         return losses

@@ -1,0 +1,87 @@
+"""The trainer's multi-process path: process group from the torchrun environment, mesh, coordinates, and
+layout-independent (full-tensor) checkpoint state.
+
+A run is distributed when WORLD_SIZE > 1 (torchrun, slurm via launch/). Backend: nccl on CUDA, gloo on CPU.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from parallel.mesh import DIMS, Coords, build_mesh, check_layout, coords
+
+
+@dataclass
+class DistEnv:
+    rank: int
+    world_size: int
+    mesh: object  # DeviceMesh (dp, pp, cp, tp)
+    coords: Coords
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def all_gather_object(self, obj) -> list:
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def setup_distributed(cfg, device: torch.device, timeout_s: float = 600.0) -> DistEnv | None:
+    """None for a single process; else init the process group, check the layout and build the mesh.
+
+    The layout is checked against the world size before any communication, with the numbers in the error.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None
+    check_layout(cfg.parallel, world, cfg.model, cfg.data)
+    rank = int(os.environ["RANK"])
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    mesh = build_mesh(cfg.parallel, device.type)
+    return DistEnv(rank, world, mesh, coords(mesh))
+
+
+def describe(env: DistEnv) -> str:
+    sizes = "x".join(f"{d}{env.mesh[d].size()}" for d in DIMS)
+    return f"world {env.world_size} mesh {sizes}"
+
+
+def full_state(model, optimizer, engine=None) -> tuple[dict, dict]:
+    """Full (unsharded) model and optimizer state dicts, identical to a single-process run's keys and values.
+
+    Every rank takes part in the gathers; the result is complete on every rank (cheap for the models we
+    save this way; sharded DCP checkpoints are the path for large ones).
+    """
+    if engine is not None:  # DeepSpeed ZeRO-1/2 keep full weights on every rank; its optimizer is partitioned
+        return {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}, {}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
+
+
+def load_full_state(model, optimizer, model_state: dict, optim_state: dict, engine=None) -> None:
+    """Load full state dicts (as `full_state` returns) into a sharded model and optimizer, any layout."""
+    if engine is not None:
+        engine.module.load_state_dict(model_state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
+                   options=StateDictOptions(full_state_dict=True))
