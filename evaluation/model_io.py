@@ -1,0 +1,160 @@
+"""What every evaluation talks to: a scoring model with two methods, and the loader that builds one.
+
+The interface (duck-typed, so a test oracle can stand in for a network):
+
+    vocab_size: int
+    logits_chunks(ids: (B, T) int64) -> iterator of (start, logits (B, c, V) float32), chunks in order covering T
+    generate(ids: (B, T) int64, max_new_tokens: int, eos_id: int | None = None) -> (B, n) int64, new tokens only
+
+`ModelRunner` wraps one of our networks. TNL runs long inputs in chunks of `chunk_size` tokens, carrying each
+layer's fp32 recurrent state (and the global position for LRPE), so a 16x-training-length prompt never holds a
+(T, V) logits tensor; the softmax baseline has no state and runs the whole input at once.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from model import ModelConfig, build_model
+
+IGNORE = -100
+
+
+class ModelRunner:
+    """Our model (TNL or the softmax baseline) behind the evaluation interface. Inference only."""
+
+    def __init__(self, model: torch.nn.Module, chunk_size: int = 2048, device: str | torch.device = "cpu"):
+        self.model = model.eval()
+        self.cfg: ModelConfig = model.cfg
+        self.vocab_size = self.cfg.vocab_size
+        self.chunk_size = int(chunk_size)
+        self.device = torch.device(device)
+        self.recurrent = self.cfg.arch == "tnl"
+
+    @torch.no_grad()
+    def logits_chunks(self, ids: torch.Tensor):
+        ids = ids.to(self.device)
+        if not self.recurrent:
+            yield 0, self.model(ids).float()
+            return
+        states = None
+        for start in range(0, ids.shape[1], self.chunk_size):
+            logits, states = self.model(ids[:, start:start + self.chunk_size], position_offset=start,
+                                        states=states, return_states=True)
+            yield start, logits.float()
+
+    @torch.no_grad()
+    def generate(self, ids: torch.Tensor, max_new_tokens: int, eos_id: int | None = None) -> torch.Tensor:
+        """Greedy decoding; rows that emitted eos_id are padded with it (and decoding stops when all have)."""
+        ids = ids.to(self.device)
+        if not self.recurrent:
+            from model.generate import greedy_generate
+
+            return greedy_generate(self.model, ids, max_new_tokens, eos_id=eos_id)[:, ids.shape[1]:].cpu()
+        states, position = None, 0
+        for start in range(0, ids.shape[1], self.chunk_size):  # prefill in chunks: only the last logits are kept
+            logits, states = self.model(ids[:, start:start + self.chunk_size], position_offset=start,
+                                        states=states, return_states=True)
+            position = start + logits.shape[1]
+            last = logits[:, -1]
+        out = []
+        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        for _ in range(max_new_tokens):
+            nxt = last.argmax(-1)
+            if eos_id is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+                done = done | (nxt == eos_id)
+            out.append(nxt)
+            if eos_id is not None and bool(done.all()):
+                break
+            logits, states = self.model(nxt[:, None], position_offset=position, states=states, return_states=True)
+            position += 1
+            last = logits[:, -1]
+        return torch.stack(out, dim=1).cpu() if out else ids.new_zeros((ids.shape[0], 0)).cpu()
+
+
+def token_nll(model, ids: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token negative log-likelihood and greedy hit. ids, targets: (B, T); targets[b, t] is the token that
+    should follow ids[b, :t+1] or IGNORE. Returns (nll (B, T) float64, zero where ignored; hit (B, T) bool)."""
+    nll = torch.zeros(targets.shape, dtype=torch.float64)
+    hit = torch.zeros(targets.shape, dtype=torch.bool)
+    for start, logits in model.logits_chunks(ids):
+        logits = logits.cpu()
+        tgt = targets[:, start:start + logits.shape[1]]
+        mask = tgt != IGNORE
+        if not bool(mask.any()):
+            continue
+        safe = tgt.clamp_min(0)
+        lp = F.log_softmax(logits.double(), dim=-1).gather(-1, safe[..., None])[..., 0]
+        nll[:, start:start + logits.shape[1]] = torch.where(mask, -lp, torch.zeros_like(lp))
+        hit[:, start:start + logits.shape[1]] = mask & (logits.argmax(-1) == safe)
+    return nll, hit
+
+
+def argmax_tokens(model, ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) argmax of the next-token distribution at every position."""
+    return torch.cat([logits.argmax(-1).cpu() for _, logits in model.logits_chunks(ids)], dim=1)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# loading a run folder, a checkpoint folder or a Hugging Face export
+# ------------------------------------------------------------------------------------------------------------
+@dataclass
+class Loaded:
+    runner: ModelRunner
+    tokenizer: object | None  # data_pipeline.Tokenizer, or None when none was found
+    train_len: int  # the longest training sequence, the unit of the length grids
+    prepared_dir: Path | None  # the corpus the run trained on, if recorded and present
+    source: str  # which folder the weights came from
+    mqar: dict | None = None  # the MQAR spec a model of the MQAR recipe was trained on
+
+
+def _train_len(data: dict) -> int:
+    if not data:
+        return 2048
+    return int(data.get("seq_len", 2048)) if data.get("loader") == "concat" else int(2 ** data.get("max_log2", 11))
+
+
+def _from_checkpoint(path: Path):
+    from pretrain.convert import find_tokenizer, load_model_weights, resolve_checkpoint
+
+    ckpt = resolve_checkpoint(path)
+    cfg, state = load_model_weights(ckpt)
+    meta = json.loads((ckpt / "meta.json").read_text())
+    data = (meta.get("config") or {}).get("data") or {}
+    tok = find_tokenizer(meta, ckpt)
+    prepared = Path(data["prepared_dir"]) if data.get("prepared_dir") else None
+    return cfg, state, tok, _train_len(data), prepared, str(ckpt), meta.get("mqar")
+
+
+def load_for_eval(path, device: str = "cpu", chunk_size: int = 2048, tokenizer: str | None = None) -> Loaded:
+    """Build the model of a run folder (its latest checkpoint), a checkpoint folder, or an HF export folder."""
+    from data_pipeline import load_tokenizer
+    from pretrain import checkpoint
+
+    path = Path(path)
+    if (path / "config.json").is_file() and not (path / "meta.json").is_file() \
+            and not checkpoint.checkpoint_dir(path).is_dir():
+        from pretrain.convert import import_hf
+
+        raw = json.loads((path / "config.json").read_text())
+        with tempfile.TemporaryDirectory() as tmp:  # one import path: the converter's, into a scratch folder
+            cfg, state, *_ = _from_checkpoint(import_hf(path, Path(tmp) / "ckpt"))
+        tok = path / "tokenizer.model" if (path / "tokenizer.model").is_file() else None
+        extra = raw.get("lightspan") or {}
+        train_len, prepared, source, mqar = int(extra.get("context", 2048)), None, str(path), None
+    else:
+        cfg, state, tok, train_len, prepared, source, mqar = _from_checkpoint(path)
+        if mqar:
+            train_len = int(mqar["seq_len"])
+    with torch.device(device):
+        model = build_model(cfg)
+    model.load_state_dict(state)
+    tok_obj = load_tokenizer(tokenizer or tok) if (tokenizer or tok) else None
+    return Loaded(ModelRunner(model, chunk_size, device), tok_obj, train_len,
+                  prepared if prepared is not None and prepared.is_dir() else None, source, mqar)

@@ -1,0 +1,51 @@
+"""Passkey retrieval (Mohtashami & Jaggi's prompt): a 5-digit number hidden in repeated filler text.
+
+Prompt: intro, the filler "The grass is green. The sky is blue. ..." repeated, "The pass key is NNNNN. Remember
+it. NNNNN is the pass key." at a depth, and "What is the pass key? The pass key is". Scored by exact match: the
+first run of digits in the greedy continuation must equal the key. Chance (guessing 5 digits): 1e-5.
+Every key is drawn from random.Random(f"{seed}/{length}/{depth}/{trial}"): the same seed gives the same prompts.
+"""
+from __future__ import annotations
+
+import random
+import re
+
+from .retrieval import Example, accuracy_grid, assemble, depth_grid, run_grid
+
+INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+         "I will quiz you about the important information there.\n")
+FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
+QUESTION = "\nWhat is the pass key? The pass key is"
+CHANCE = 1e-5
+
+
+def make_examples(tok, lengths, depths=None, trials: int = 1, seed: int = 0) -> list[Example]:
+    depths = depth_grid(5) if depths is None else depths
+    intro, unit, question = tok.encode(INTRO), tok.encode(FILLER), tok.encode(QUESTION)
+    out = []
+    for length in lengths:
+        reps = length // max(len(unit), 1) + 1
+        filler = unit * reps
+        boundaries = [i * len(unit) for i in range(reps)]
+        for depth in depths:
+            for trial in range(trials):
+                key = str(random.Random(f"{seed}/{length}/{depth}/{trial}").randint(10000, 99999))
+                answer_ids = tok.encode(" " + key)
+                ids = assemble(intro, filler, boundaries, tok.encode(NEEDLE.format(key=key)), question, length, depth)
+                out.append(Example(length, depth, trial, ids, key, answer_ids, len(answer_ids) + 3))
+    return out
+
+
+def score(example: Example, generated: str) -> bool:
+    found = re.search(r"\d+", generated)
+    return found is not None and found.group(0) == example.answer
+
+
+def evaluate(model, tok, lengths, depths=None, trials: int = 1, seed: int = 0, progress: bool = False,
+             tokens_per_batch: int = 32768) -> dict:
+    examples = make_examples(tok, lengths, depths, trials, seed)
+    records = run_grid(model, examples, score, eos_id=tok.eos_id, tokens_per_batch=tokens_per_batch,
+                       decode=tok.decode, progress=progress, desc="passkey")
+    return {"task": "passkey", "seed": seed, "trials": trials, "chance": CHANCE, **accuracy_grid(records),
+            "records": records}

@@ -1,0 +1,91 @@
+"""Evaluation tasks: each generator is deterministic from its seed; each scorer gives 100% to an oracle that is
+handed the answers and about chance to a random guesser (evaluation.reference_models)."""
+import math
+
+import torch
+
+from evaluation import mqar, needle, passkey
+from evaluation.model_io import IGNORE
+from evaluation.reference_models import CharTokenizer, OracleModel, RandomModel
+from evaluation.retrieval import assemble
+
+TOK = CharTokenizer(256)
+LENGTHS = [300, 600]
+DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
+
+
+def _oracle(examples):
+    return OracleModel(TOK.vocab_size, {tuple(ex.ids): ex.answer_ids for ex in examples})
+
+
+def test_assemble_places_the_needle_at_depth_and_exact_length():
+    intro, question, needle_ids = [1] * 5, [2] * 4, [9, 9, 9]
+    filler = list(range(100, 200))
+    boundaries = list(range(0, 100, 10))
+    for depth, expect in ((0.0, 0), (0.5, 40), (1.0, 81)):
+        ids = assemble(intro, filler, boundaries, needle_ids, question, 93, depth)
+        assert len(ids) == 93
+        assert ids[5 + expect:5 + expect + 3] == needle_ids  # room = 81: boundaries 0..80 and 81 itself
+
+
+def test_passkey_is_deterministic_and_exact_length():
+    a = passkey.make_examples(TOK, LENGTHS, DEPTHS, trials=2, seed=3)
+    b = passkey.make_examples(TOK, LENGTHS, DEPTHS, trials=2, seed=3)
+    c = passkey.make_examples(TOK, LENGTHS, DEPTHS, trials=2, seed=4)
+    assert [(e.ids, e.answer) for e in a] == [(e.ids, e.answer) for e in b]
+    assert [e.answer for e in a] != [e.answer for e in c]
+    assert all(len(e.ids) == e.length for e in a)
+    assert all(TOK.decode(e.ids).count(e.answer) == 2 for e in a)  # "The pass key is K ... K is the pass key"
+
+
+def test_passkey_oracle_scores_100_random_scores_chance():
+    examples = passkey.make_examples(TOK, LENGTHS, DEPTHS, trials=4, seed=0)
+    good = passkey.evaluate(_oracle(examples), TOK, LENGTHS, DEPTHS, trials=4, seed=0)
+    assert good["overall"] == 1.0 and good["accuracy"] == [[1.0] * 5, [1.0] * 5]
+    digits = TOK.encode("0123456789")
+    bad = passkey.evaluate(RandomModel(TOK.vocab_size, digits, seed=1), TOK, LENGTHS, DEPTHS, trials=4, seed=0)
+    assert bad["overall"] == 0.0  # chance is 1e-5 per key
+
+
+def test_needle_is_deterministic_oracle_100_random_chance():
+    a = needle.make_examples(TOK, LENGTHS, DEPTHS, seed=1)
+    assert [e.ids for e in a] == [e.ids for e in needle.make_examples(TOK, LENGTHS, DEPTHS, seed=1)]
+    assert [e.ids for e in a] != [e.ids for e in needle.make_examples(TOK, LENGTHS, DEPTHS, seed=2)]
+    assert all(len(e.ids) == e.length and e.answer in TOK.decode(e.ids) for e in a)
+    good = needle.evaluate(_oracle(a), TOK, LENGTHS, DEPTHS, seed=1)
+    assert good["overall"] == 1.0
+    bad = needle.evaluate(RandomModel(TOK.vocab_size, seed=0), TOK, LENGTHS, DEPTHS, seed=1)
+    assert bad["overall"] <= needle.CHANCE
+
+
+def test_mqar_generator_layout_and_determinism():
+    x, y = mqar.make_mqar(8, 64, 8, 64, seed=5)
+    x2, y2 = mqar.make_mqar(8, 64, 8, 64, seed=5)
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    assert not torch.equal(x, mqar.make_mqar(8, 64, 8, 64, seed=6)[0])
+    assert x.shape == y.shape == (8, 64)
+    for row in range(8):
+        keys, values = x[row, 0:16:2], x[row, 1:16:2]
+        assert bool((keys >= 1).all() and (keys < 32).all() and (values >= 32).all())  # disjoint halves
+        assert len(set(keys.tolist())) == 8 and len(set(values.tolist())) == 8
+        asked = (y[row] != IGNORE).nonzero()[:, 0]
+        assert len(asked) == 8 and bool((asked >= 16).all())
+        table = dict(zip(keys.tolist(), values.tolist()))
+        assert all(table[int(x[row, p])] == int(y[row, p]) for p in asked)  # query key -> its value
+
+
+def test_mqar_gaps_follow_a_power_law():
+    x, y = mqar.make_mqar(400, 256, 4, 64, seed=0)
+    slot = ((y != IGNORE).nonzero()[:, 1] - 8) // 2
+    short, long = int((slot < 10).sum()), int((slot >= 110).sum())
+    assert short > 2 * long  # p(g) ~ g^(a-1): short gaps dominate
+
+
+def test_mqar_oracle_100_random_chance():
+    spec = mqar.MQARSpec(seq_len=64, num_kv_pairs=8, vocab_size=64)
+    x, y = mqar.make_mqar(128, spec.seq_len, spec.num_kv_pairs, spec.vocab_size, seed=12345)
+    oracle = OracleModel(64, {tuple(r.tolist()): t for r, t in zip(x, y)})
+    assert mqar.evaluate(oracle, spec, 128, seed=12345, batch_size=32)["accuracy"] == 1.0
+    res = mqar.evaluate(RandomModel(64, range(32, 64), seed=0), spec, 128, seed=12345, batch_size=32)
+    chance, n = res["chance"], res["queries"]
+    assert abs(res["accuracy"] - chance) < 4 * math.sqrt(chance * (1 - chance) / n)
