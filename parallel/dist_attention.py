@@ -316,3 +316,23 @@ def sharedllm_cp_shard(context_chunks, cp_rank: int, cp: int):
         raise ValueError(f"context chunks ({n}) not divisible by cp ({cp})")
     per = n // cp
     return context_chunks[:, cp_rank * per:(cp_rank + 1) * per], cp_rank * per
+
+
+def apply_sharedllm_tp(model, tp_mesh, loss_parallel: bool = False):
+    """Tensor parallelism for a SharedLLM over the 1-D `tp_mesh` (in place; returns model).
+
+    The decoder takes the TNL plan (`parallel.tensor_parallel.apply_tp`); its qkvu_proj is sharded by heads,
+    so the shared lower tower, which runs the same modules, yields this rank's heads of K_j, V_j. The
+    cross-attention then shards naturally over the same heads: q_proj column-parallel, o_proj row-parallel
+    (partial products summed). A copied lower tower would need its own plan: refused.
+    """
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    from parallel.tensor_parallel import apply_tp
+
+    if model.cfg.sharedllm_lower != "shared":
+        raise NotImplementedError("tensor parallelism for SharedLLM needs model.sharedllm_lower='shared'")
+    apply_tp(model.decoder, tp_mesh, loss_parallel=loss_parallel)
+    for ca in model.cross.values():
+        parallelize_module(ca, tp_mesh, {"q_proj": ColwiseParallel(), "o_proj": RowwiseParallel()})
+    return model

@@ -193,3 +193,33 @@ def test_sharedllm_cp2_parity():
     """cp=2: each rank compresses its own chunks; ring (then Ulysses) cross-attention over the spread memory."""
     a, b = run_distributed(_both, 2, timeout_s=90)
     assert a == b
+
+
+def _tp_parity(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+
+    from parallel.dist_attention import apply_sharedllm_tp
+
+    torch.manual_seed(0)
+    model = SharedLLM(tiny_cfg())
+    _randomize_cross(model)
+    sharded = apply_sharedllm_tp(copy.deepcopy(model), init_device_mesh("cpu", (world,)))
+    g = torch.Generator().manual_seed(5)
+    chunks = torch.randint(0, 64, (2, 3, 16), generator=g)
+    ids, labels = torch.randint(0, 64, (2, 8), generator=g), torch.randint(0, 64, (2, 8), generator=g)
+    logits_ref = model(chunks, ids)
+    F.cross_entropy(logits_ref.flatten(0, 1), labels.flatten()).backward()
+    logits = sharded(chunks, ids)
+    F.cross_entropy(logits.flatten(0, 1), labels.flatten()).backward()
+    torch.testing.assert_close(logits, logits_ref, atol=1e-5, rtol=1e-5)
+    ref = dict(model.named_parameters())
+    for name, p in sharded.named_parameters():
+        grad = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+        torch.testing.assert_close(grad, ref[name].grad, atol=1e-4, rtol=1e-4, msg=lambda m: f"tp {name}: {m}")
+    return True
+
+
+def test_sharedllm_tp2_parity():
+    """tp=2: TNL plan on the decoder (and so the shared lower tower), cross-attention sharded by heads."""
+    assert run_distributed(_tp_parity, 2, timeout_s=90) == [True, True]
