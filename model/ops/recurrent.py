@@ -31,8 +31,10 @@ def recurrent_attn(q, k, v, slope, initial_state=None, output_final_state=False)
     # unbind once: indexing [:, :, t] in the loop would make autograd's backward O(T²)
     qs, ks, vs = (x.to(acc).unbind(2) for x in (q, k, v))
     outs = []
+    # elementwise products and sums, not matmul: a tiny batched fp64 bmm per token costs milliseconds when
+    # the BLAS thread pool is oversubscribed
     for q_t, k_t, v_t in zip(qs, ks, vs):
-        S = lam * S + k_t[..., :, None] * v_t[..., None, :]
-        outs.append((q_t[..., None, :] @ S).squeeze(-2))
+        S = torch.addcmul(lam * S, k_t[..., :, None], v_t[..., None, :])
+        outs.append((q_t[..., :, None] * S).sum(-2))
     o = torch.stack(outs, dim=2).to(q.dtype)
     return o, (S.to(out_dtype) if output_final_state else None)
