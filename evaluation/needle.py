@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 
-from .retrieval import Example, accuracy_grid, assemble, depth_grid, run_grid
+from .retrieval import Example, TooShort, accuracy_grid, assemble, depth_grid, run_grid
 
 INTRO = "Read the following notes carefully. A question about them follows.\n"
 ADJ = ["quiet", "bright", "narrow", "old", "green", "heavy", "small", "busy", "cold", "gentle", "tall", "empty"]
@@ -48,7 +48,10 @@ def make_examples(tok, lengths, depths=None, seed: int = 0) -> list[Example]:
             question = tok.encode(f"\nWhat is the secret ingredient of the {color} {dish}? "
                                   f"The secret ingredient of the {color} {dish} is")
             filler, starts = haystack(tok, length, rng)
-            ids = assemble(intro, filler, starts, needle, question, length, depth)
+            try:
+                ids = assemble(intro, filler, starts, needle, question, length, depth)
+            except TooShort:
+                continue
             answer_ids = tok.encode(" " + ingredient)
             out.append(Example(length, depth, 0, ids, ingredient, answer_ids, len(answer_ids) + 3,
                                {"question": f"{color} {dish}"}))
@@ -64,4 +67,5 @@ def evaluate(model, tok, lengths, depths=None, seed: int = 0, progress: bool = F
     examples = make_examples(tok, lengths, depths, seed)
     records = run_grid(model, examples, score, eos_id=tok.eos_id, tokens_per_batch=tokens_per_batch,
                        decode=tok.decode, progress=progress, desc="needle")
-    return {"task": "needle", "seed": seed, "chance": CHANCE, **accuracy_grid(records), "records": records}
+    return {"task": "needle", "seed": seed, "chance": CHANCE, **accuracy_grid(records),
+            "too_short": sorted(set(lengths) - {e.length for e in examples}), "records": records}

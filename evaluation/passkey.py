@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 import re
 
-from .retrieval import Example, accuracy_grid, assemble, depth_grid, run_grid
+from .retrieval import Example, TooShort, accuracy_grid, assemble, depth_grid, run_grid
 
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
          "I will quiz you about the important information there.\n")
@@ -32,7 +32,11 @@ def make_examples(tok, lengths, depths=None, trials: int = 1, seed: int = 0) -> 
             for trial in range(trials):
                 key = str(random.Random(f"{seed}/{length}/{depth}/{trial}").randint(10000, 99999))
                 answer_ids = tok.encode(" " + key)
-                ids = assemble(intro, filler, boundaries, tok.encode(NEEDLE.format(key=key)), question, length, depth)
+                try:
+                    ids = assemble(intro, filler, boundaries, tok.encode(NEEDLE.format(key=key)), question, length,
+                                   depth)
+                except TooShort:
+                    continue
                 out.append(Example(length, depth, trial, ids, key, answer_ids, len(answer_ids) + 3))
     return out
 
@@ -48,4 +52,4 @@ def evaluate(model, tok, lengths, depths=None, trials: int = 1, seed: int = 0, p
     records = run_grid(model, examples, score, eos_id=tok.eos_id, tokens_per_batch=tokens_per_batch,
                        decode=tok.decode, progress=progress, desc="passkey")
     return {"task": "passkey", "seed": seed, "trials": trials, "chance": CHANCE, **accuracy_grid(records),
-            "records": records}
+            "too_short": sorted(set(lengths) - {e.length for e in examples}), "records": records}

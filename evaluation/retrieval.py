@@ -29,6 +29,10 @@ class Example:
     meta: dict = field(default_factory=dict)
 
 
+class TooShort(ValueError):
+    """The requested length cannot hold the prompt's fixed parts; such lengths are left out and reported."""
+
+
 def assemble(intro: list, filler: list, boundaries: list, needle: list, question: list, length: int,
              depth: float) -> list:
     """intro + filler[:p] + needle + filler[p:room] + question, exactly `length` tokens.
@@ -36,7 +40,7 @@ def assemble(intro: list, filler: list, boundaries: list, needle: list, question
     filler: at least `room` tokens; boundaries: sorted sentence starts in filler (0 included)."""
     room = length - len(intro) - len(needle) - len(question)
     if room < 0:
-        raise ValueError(f"length {length} is too short for the prompt's fixed parts "
+        raise TooShort(f"length {length} is too short for the prompt's fixed parts "
                          f"({len(intro) + len(needle) + len(question)} tokens)")
     if len(filler) < room:
         raise ValueError(f"filler has {len(filler)} tokens, {room} needed")

@@ -60,6 +60,12 @@ def _convert(argv) -> int:
     return convert_main(argv)
 
 
+def _eval(argv) -> int:
+    from evaluation.cli import main as eval_main
+
+    return eval_main(argv)
+
+
 def _not_yet(verb: str):
     def run(argv) -> int:
         print(f"lightspan {verb}: not yet available in this version (see the open issues in README.md)",
@@ -80,7 +86,7 @@ def main(argv=None) -> int:
 
         return train_main(rest)
     verbs = {"prepare": _prepare, "data": _data, "bench": _bench,
-             "convert": _convert, "eval": _not_yet("eval")}
+             "convert": _convert, "eval": _eval}
     if verb not in verbs:
         print(f"unknown verb {verb!r}\n{USAGE}", file=sys.stderr)
         return 2

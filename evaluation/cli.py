@@ -1,0 +1,184 @@
+"""`lightspan eval`: long-context evaluation of a run folder, a checkpoint folder or a Hugging Face export.
+
+    lightspan eval PATH --out DIR [--tasks ppl,passkey,needle,mqar] [--data PREPARED_DIR] [--max-length N] ...
+    lightspan eval --train-mqar OUT [--mqar-arch tnl|llama] [--mqar-steps N]      # the tiny MQAR recipe
+    torchrun --nproc_per_node 2 -m evaluation PATH --out DIR                        # data-parallel
+
+Lengths are multiples of the training length T (a run's longest training sequence; --train-len overrides):
+perplexity at T/4 .. 16T, passkey and needle at T, 2T, 4T, 8T, 16T, all capped by --max-length. Writes
+DIR/results.json and DIR/{perplexity,passkey,needle}.png. Under torchrun every rank scores its share of the
+examples and rank 0 writes the files.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+TASKS = ("ppl", "passkey", "needle", "mqar")
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="lightspan eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("path", nargs="?", help="run folder, checkpoint folder, or Hugging Face export folder")
+    p.add_argument("--out", help="output folder for results.json and the plots")
+    p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}")
+    p.add_argument("--data", default=None, help="prepared folder for perplexity (default: the run's own)")
+    p.add_argument("--tokenizer", default=None, help="sentencepiece .model (default: the run's / the export's)")
+    p.add_argument("--train-len", type=int, default=None, help="training length T the grids are built on")
+    p.add_argument("--max-length", type=int, default=None, help="longest context evaluated (default 16T)")
+    p.add_argument("--ppl-lengths", type=_ints, default=None, help="e.g. 128,512,2048 (default T/4..16T)")
+    p.add_argument("--ppl-tokens", type=int, default=None, help="held-out tokens scored (default 2 x max length)")
+    p.add_argument("--stride-frac", type=float, default=0.5, help="window stride as a fraction of its length")
+    p.add_argument("--lengths", type=_ints, default=None, help="passkey/needle lengths (default T..16T)")
+    p.add_argument("--depths", type=int, default=5, help="number of depths from 0%% to 100%%")
+    p.add_argument("--passkey-trials", type=int, default=1, help="keys per (length, depth)")
+    p.add_argument("--mqar-examples", type=int, default=256)
+    p.add_argument("--mqar-seq-len", type=int, default=None, help="default: the recipe's, else 256")
+    p.add_argument("--mqar-kv", type=int, default=None, help="key-value pairs (default: the recipe's, else 16)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chunk-size", type=int, default=2048, help="TNL: tokens per forward, carrying the state")
+    p.add_argument("--tokens-per-batch", type=int, default=16384)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--train-mqar", metavar="OUT", default=None,
+                   help="train a tiny model on MQAR, save it as a checkpoint folder OUT, evaluate it, exit")
+    p.add_argument("--mqar-arch", default="tnl", choices=("tnl", "llama"))
+    p.add_argument("--mqar-steps", type=int, default=600)
+    return p.parse_args(argv)
+
+
+def _grid(train_len: int, factors, max_length: int) -> list[int]:
+    return sorted({max(16, int(train_len * f)) for f in factors if train_len * f <= max_length})
+
+
+def train_mqar_main(args) -> int:
+    from .model_io import ModelRunner
+    from .mqar import MQARSpec, evaluate, save_mqar_model, train_mqar
+
+    spec = MQARSpec(seq_len=args.mqar_seq_len or MQARSpec.seq_len, num_kv_pairs=args.mqar_kv or MQARSpec.num_kv_pairs)
+    model, history = train_mqar(args.mqar_arch, spec, steps=args.mqar_steps, seed=args.seed)
+    for h in history:
+        print(f"[mqar] step {h['step']} loss {h['loss']:.4f} ({h['seconds']:.0f}s)")
+    path = save_mqar_model(model, spec, args.train_mqar, history)
+    result = evaluate(ModelRunner(model), spec, args.mqar_examples)
+    print(f"[mqar] {args.mqar_arch}: query accuracy {result['accuracy']:.3f} (chance {result['chance']:.3f}); "
+          f"checkpoint {path}")
+    return 0
+
+
+def run_tasks(args, loaded, tasks, log=print) -> dict:
+    """Every requested task on a loaded model; returns the results dict (identical on every rank)."""
+    from . import mqar, needle, passkey, perplexity
+
+    runner, tok, T = loaded.runner, loaded.tokenizer, args.train_len or loaded.train_len
+    max_len = args.max_length or 16 * T
+    progress = not args.no_progress
+    results = {"model": loaded.source, "arch": runner.cfg.arch, "train_len": T, "max_length": max_len, "tasks": {}}
+    for task in tasks:
+        t0 = time.perf_counter()
+        if task == "ppl":
+            data = Path(args.data) if args.data else loaded.prepared_dir
+            if data is None or not data.is_dir():
+                out = {"skipped": "no prepared folder: pass --data DIR (a `lightspan prepare` output)"}
+            else:
+                lengths = args.ppl_lengths or _grid(T, (1 / 4, 1 / 2, 1, 2, 4, 8, 16), max_len)
+                tokens, info = perplexity.heldout_tokens(data, args.ppl_tokens or 2 * max(lengths))
+                curve = perplexity.perplexity_curve(runner, tokens, lengths, args.stride_frac,
+                                                    args.tokens_per_batch, progress)
+                out = {"task": "ppl", "heldout": info, "curve": curve}
+        elif task in ("passkey", "needle"):
+            if tok is None:
+                out = {"skipped": "no tokenizer found: pass --tokenizer PATH"}
+            else:
+                lengths = args.lengths or _grid(T, (1, 2, 4, 8, 16), max_len)
+                from .retrieval import depth_grid
+
+                depths = depth_grid(args.depths)
+                if task == "passkey":
+                    out = passkey.evaluate(runner, tok, lengths, depths, args.passkey_trials, args.seed, progress,
+                                           2 * args.tokens_per_batch)
+                else:
+                    out = needle.evaluate(runner, tok, lengths, depths, args.seed, progress, 2 * args.tokens_per_batch)
+        else:
+            spec = mqar.MQARSpec(**loaded.mqar) if loaded.mqar else \
+                mqar.MQARSpec(seq_len=256, num_kv_pairs=16, vocab_size=runner.vocab_size)
+            if args.mqar_seq_len:
+                spec.seq_len = args.mqar_seq_len
+            if args.mqar_kv:
+                spec.num_kv_pairs = args.mqar_kv
+            out = mqar.evaluate(runner, spec, args.mqar_examples, seed=12345 + args.seed)
+            if not loaded.mqar:
+                out["note"] = "the model was not trained on MQAR: a zero-shot probe of in-context recall"
+        out["seconds"] = round(time.perf_counter() - t0, 2)
+        results["tasks"][task] = out
+        log(f"[eval] {task}: {summarize(task, out)} ({out['seconds']}s)")
+    return results
+
+
+def summarize(task: str, out: dict) -> str:
+    if "skipped" in out:
+        return f"skipped ({out['skipped']})"
+    if task == "ppl":
+        return ", ".join(f"L={p['length']}: {p['ppl']:.2f}" for p in out["curve"])
+    if task == "mqar":
+        return f"accuracy {out['accuracy']:.3f} (chance {out['chance']:.3f})"
+    return f"overall {out['overall']:.3f} over lengths {out['lengths']}"
+
+
+def write_outputs(results: dict, out_dir: Path) -> list[Path]:
+    from .plots import plot_heatmap, plot_perplexity
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    written = [out_dir / "results.json"]
+    tasks = results["tasks"]
+    if "curve" in tasks.get("ppl", {}):
+        written.append(plot_perplexity({results["arch"]: tasks["ppl"]["curve"]}, out_dir / "perplexity.png",
+                                       results["train_len"]))
+    for name in ("passkey", "needle"):
+        if "accuracy" in tasks.get(name, {}):
+            written.append(plot_heatmap(tasks[name], out_dir / f"{name}.png", name))
+    return written
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    import torch
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    if args.train_mqar:
+        return train_mqar_main(args)
+    if not args.path or not args.out:
+        print("usage: lightspan eval PATH --out DIR [--tasks ppl,passkey,needle,mqar] (see --help)", file=sys.stderr)
+        return 2
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        print(f"unknown task(s) {unknown}; choose from {list(TASKS)}", file=sys.stderr)
+        return 2
+    from .distributed import init_from_env, is_main
+    from .model_io import load_for_eval
+
+    created = init_from_env(args.device)
+    try:
+        loaded = load_for_eval(args.path, args.device, args.chunk_size, args.tokenizer)
+        log = print if is_main() else (lambda *a, **k: None)
+        results = run_tasks(args, loaded, tasks, log)
+        if is_main():
+            for path in write_outputs(results, Path(args.out)):
+                print(f"[eval] wrote {path}")
+    finally:
+        if created:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    return 0

@@ -1,0 +1,80 @@
+"""`lightspan eval` end to end on a tiny run folder, its HF export, and the MQAR recipe."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from data_pipeline import prepare, train_tokenizer
+from model import ModelConfig, build_model
+from pretrain import checkpoint
+from pretrain.cli import main as lightspan
+from pretrain.config import Config, to_dict
+
+SMALL = ["--train-len", "64", "--max-length", "256", "--ppl-tokens", "600", "--lengths", "64,256", "--depths", "3",
+         "--mqar-examples", "16", "--mqar-seq-len", "32", "--mqar-kv", "4", "--no-progress"]
+
+
+def _texts(n=150, seed=0):
+    rng = np.random.default_rng(seed)
+    words = ["def", "return", "self", "value", "for", "in", "if", "else", "key", "pass", "the", "is", "green"]
+    return [" ".join(rng.choice(words, int(rng.integers(20, 150)))) + "\n" for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evalrun")
+    tok_path = root / "tok.model"
+    tok = train_tokenizer(_texts() + ["0123456789 The pass key is. What? Remember it."] * 20, tok_path,
+                          vocab_size=320, num_threads=1)
+    src = root / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in _texts(seed=1)))
+    prepared = prepare(str(src), root / "prepared", tokenizer=str(tok_path), num_workers=1, progress=False)
+    cfg = Config()
+    cfg.model = ModelConfig(vocab_size=tok.vocab_size, dim=32, layers=2, heads=2, glu_dim=64)
+    cfg.data.prepared_dir, cfg.data.loader, cfg.data.seq_len = str(prepared), "concat", 64
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    checkpoint.save(root / "run", 5, {"model": model.state_dict(), "step": 5}, {"config": to_dict(cfg)})
+    return root
+
+
+def test_eval_writes_json_and_plots(run, tmp_path):
+    out = tmp_path / "out"
+    assert lightspan(["eval", str(run / "run"), "--out", str(out), *SMALL]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["tasks"]) == {"ppl", "passkey", "needle", "mqar"} and res["train_len"] == 64
+    ppl = res["tasks"]["ppl"]
+    assert [p["length"] for p in ppl["curve"]] == [16, 32, 64, 128, 256] and "last" in ppl["heldout"]["note"]
+    assert ppl["heldout"]["tokens"] == 600
+    keys = res["tasks"]["passkey"]
+    assert keys["lengths"] == [256] and keys["too_short"] == [64] and keys["depths"] == [0.0, 0.5, 1.0]
+    assert res["tasks"]["mqar"]["queries"] == 64
+    for name in ("perplexity.png", "passkey.png", "needle.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_eval_of_the_hf_export_gives_the_same_scores(run, tmp_path):
+    assert lightspan(["convert", "--to", "hf", str(run / "run"), str(tmp_path / "hf")]) == 0
+    args = [*SMALL, "--tasks", "passkey,mqar"]
+    assert lightspan(["eval", str(run / "run"), "--out", str(tmp_path / "a"), *args]) == 0
+    assert lightspan(["eval", str(tmp_path / "hf"), "--out", str(tmp_path / "b"), *args]) == 0
+    a, b = (json.loads((tmp_path / d / "results.json").read_text())["tasks"] for d in "ab")
+    assert a["passkey"]["records"] == b["passkey"]["records"]
+    assert a["mqar"]["accuracy"] == b["mqar"]["accuracy"]
+
+
+def test_bad_task_and_missing_data_are_reported(run, tmp_path, capsys):
+    assert lightspan(["eval", str(run / "run"), "--out", str(tmp_path), "--tasks", "ppl,nope"]) == 2
+    assert "nope" in capsys.readouterr().err
+
+
+def test_train_mqar_recipe_saves_a_checkpoint_eval_reads(tmp_path):
+    out = tmp_path / "mqar"
+    assert lightspan(["eval", "--train-mqar", str(out), "--mqar-steps", "3", "--mqar-examples", "8"]) == 0
+    meta = json.loads(next((out / "checkpoints").iterdir()).joinpath("meta.json").read_text())
+    assert meta["mqar"]["seq_len"] == 64 and len(meta["history"]) == 1
+    assert lightspan(["eval", str(out), "--out", str(tmp_path / "res"), "--tasks", "mqar",
+                      "--mqar-examples", "8", "--no-progress"]) == 0
+    res = json.loads((tmp_path / "res" / "results.json").read_text())["tasks"]["mqar"]
+    assert res["seq_len"] == 64 and res["vocab_size"] == 128 and "note" not in res
