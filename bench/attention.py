@@ -139,7 +139,8 @@ def main(argv=None) -> int:
                 prev_T, prev_s = last[kind]
                 predicted = prev_s * growth[kind] ** math.log2(T / prev_T)
                 if prev_s > args.budget or predicted > args.budget:
-                    print(f"{T:>7} {kind:>10} {'skipped':>10}   (predicted {predicted:.0f}s > budget {args.budget:.0f}s)")
+                    print(f"{T:>7} {kind:>10} {'skipped':>10}   "
+                          f"(predicted {predicted:.0f}s > budget {args.budget:.0f}s)")
                     continue
             tps, secs, peak = measure(kind, T, args)
             last[kind] = (T, secs)

@@ -13,7 +13,8 @@ both halves as leaves. Each node of length l keeps p positions by uniform stride
 its p windows of l/p tokens). C=1024, d=3, p=32: 512->32, 256->32, 2x128->2x32 = 128 positions (8x).
 Which half to expand: `right` (language modelling: the half nearest the running text) or `query`: the half
 whose summary (the mean of the last lower layer's keys over the half) has the larger cosine similarity with
-the query's summary (the same mean over `query_ids` run through the lower tower).
+the query's summary (the same mean over `query_ids` run through the lower tower). The paper's random split
+point during training (b = l/2 - eps) is not implemented: halves are exact.
 
 Upper tower: the TNL decoder over the running text; in its lowest M layers a cross-attention block follows
 the token mixer: x = x + o_proj(Attn(q_proj(SRMSNorm(x)), K_j, V_j)), with no k/v projections (upper layer j
@@ -38,6 +39,18 @@ from .config import ModelConfig
 from .ops import lightning_attn
 from .softmax_attention import LocalSoftmaxAttention, rope
 from .tnl import SRMSNorm, TransnormerLM
+
+
+def split_context(ids: torch.Tensor, n_chunks: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A training sequence (B, n*C + T) -> context chunks (B, n, C) and running text (B, T).
+
+    The loss is taken on the running text only (its next-token labels), as in the SharedLLM LM setting
+    (4 x 1024 context + 4096 text from 8192-token sequences).
+    """
+    b, total = ids.shape
+    if total <= n_chunks * chunk:
+        raise ValueError(f"sequence of {total} tokens leaves no running text after {n_chunks} x {chunk} context")
+    return ids[:, :n_chunks * chunk].reshape(b, n_chunks, chunk), ids[:, n_chunks * chunk:]
 
 
 class CrossAttention(nn.Module):

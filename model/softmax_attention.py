@@ -52,7 +52,8 @@ def softmax_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal: bool =
     out = []
     bq, bk = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     for i in range(len(bq) - 1):
-        qi, ki, vi = (x.transpose(0, 1).unsqueeze(0) for x in (q[bq[i]:bq[i + 1]], k[bk[i]:bk[i + 1]], v[bk[i]:bk[i + 1]]))
+        sq, sk = slice(bq[i], bq[i + 1]), slice(bk[i], bk[i + 1])
+        qi, ki, vi = (x.transpose(0, 1).unsqueeze(0) for x in (q[sq], k[sk], v[sk]))
         out.append(softmax_attention(qi, ki, vi, causal, scale)[0].transpose(0, 1))
     return torch.cat(out, dim=0)
 
@@ -103,7 +104,8 @@ class SoftmaxMixer(nn.Module):
             raise NotImplementedError("softmax layers keep no recurrent state (no KV cache yet): run the whole "
                                       "prefix instead of decoding a hybrid with states")
         b, t, _ = x.shape
-        q, k, v = (p(x).reshape(b, t, -1, self.head_dim).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (p(x).reshape(b, t, -1, self.head_dim).transpose(1, 2)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
         positions = torch.arange(position_offset, position_offset + t, device=x.device)
         q, k = rope(q, positions, self.theta), rope(k, positions, self.theta)
         o = self.attn_op(q, k, v, causal=True)

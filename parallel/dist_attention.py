@@ -198,7 +198,8 @@ class _RingAttention(torch.autograd.Function):
                     lse_b = torch.logsumexp(s, dim=-1)
                     o_b = torch.exp(s - lse_b.unsqueeze(-1)) @ vj
                     lse = torch.logaddexp(lses[i], lse_b)
-                    outs[i] = torch.exp(lses[i] - lse).unsqueeze(-1) * outs[i] + torch.exp(lse_b - lse).unsqueeze(-1) * o_b
+                    outs[i] = (torch.exp(lses[i] - lse).unsqueeze(-1) * outs[i]
+                               + torch.exp(lse_b - lse).unsqueeze(-1) * o_b)
                     lses[i] = lse
             if wait is not None:
                 kv = tuple(wait())
@@ -268,7 +269,8 @@ class RingAttention:
         if causal and q.shape[2] != k.shape[2]:
             raise ValueError(f"causal ring attention needs equal q and k shards, got {q.shape[2]} and {k.shape[2]}")
         if self.layout == "zigzag" and (q.shape[2] % 2 or k.shape[2] % 2):
-            raise ValueError(f"zig-zag shards hold two equal chunks: local lengths {q.shape[2]}, {k.shape[2]} must be even")
+            raise ValueError(f"zig-zag shards hold two equal chunks: local lengths {q.shape[2]}, {k.shape[2]} "
+                             f"must be even")
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
         return _RingAttention.apply(q, k, v, causal, scale, self.layout, self.group)
 

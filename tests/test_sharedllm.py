@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from model import ModelConfig, build_model
-from model.sharedllm import CrossAttention, SharedLLM, build_tree
+from model.sharedllm import CrossAttention, SharedLLM, build_tree, split_context
 from parallel.dist_attention import apply_dist_attention, sharedllm_cp_shard
 from parallel.harness import run_distributed
 from parallel.lasp import apply_lasp, cp_position_offset
@@ -128,6 +128,15 @@ def test_forward_starts_as_the_decoder_and_trains():
     assert pos.tolist() == [0] * 6 + [1] * 6 + [2] * 6
     F.cross_entropy(logits.flatten(0, 1), ids.flatten()).backward()
     assert model.decoder.layers["0"].token_mixer.qkvu_proj.weight.grad.abs().sum() > 0
+
+
+def test_split_context():
+    ids = torch.arange(2 * 40).view(2, 40)
+    chunks, text = split_context(ids, 2, 16)
+    assert chunks.shape == (2, 2, 16) and text.shape == (2, 8)
+    assert chunks[1, 1, 0] == 40 + 16 and text[0].tolist() == list(range(32, 40))
+    with pytest.raises(ValueError, match="no running text"):
+        split_context(ids, 3, 16)
 
 
 def test_query_select_needs_query():
