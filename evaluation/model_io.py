@@ -34,7 +34,8 @@ class ModelRunner:
         self.vocab_size = self.cfg.vocab_size
         self.chunk_size = int(chunk_size)
         self.device = torch.device(device)
-        self.recurrent = self.cfg.arch == "tnl"
+        # hybrids with softmax ('S') layers keep no state between chunks: they run whole inputs, like the baseline
+        self.recurrent = self.cfg.arch == "tnl" and "S" not in getattr(self.cfg, "attention_pattern", "L")
 
     @torch.no_grad()
     def logits_chunks(self, ids: torch.Tensor):
@@ -52,12 +53,11 @@ class ModelRunner:
     def generate(self, ids: torch.Tensor, max_new_tokens: int, eos_id: int | None = None) -> torch.Tensor:
         """Greedy decoding; rows that emitted eos_id are padded with it (and decoding stops when all have)."""
         ids = ids.to(self.device)
-        if not self.recurrent:
-            from model.generate import greedy_generate
-
-            return greedy_generate(self.model, ids, max_new_tokens, eos_id=eos_id)[:, ids.shape[1]:].cpu()
-        states, position = None, 0
-        for start in range(0, ids.shape[1], self.chunk_size):  # prefill in chunks: only the last logits are kept
+        states, position, seq = None, 0, ids
+        if not self.recurrent:  # no cache: every step re-runs the whole sequence
+            last = self.model(ids)[:, -1]
+        for start in range(0, ids.shape[1] if self.recurrent else 0, self.chunk_size):
+            # prefill in chunks: only the last logits are kept
             logits, states = self.model(ids[:, start:start + self.chunk_size], position_offset=start,
                                         states=states, return_states=True)
             position = start + logits.shape[1]
@@ -72,8 +72,13 @@ class ModelRunner:
             out.append(nxt)
             if eos_id is not None and bool(done.all()):
                 break
-            logits, states = self.model(nxt[:, None], position_offset=position, states=states, return_states=True)
-            position += 1
+            if self.recurrent:
+                logits, states = self.model(nxt[:, None], position_offset=position, states=states,
+                                            return_states=True)
+                position += 1
+            else:
+                seq = torch.cat([seq, nxt[:, None]], dim=1)
+                logits = self.model(seq)
             last = logits[:, -1]
         return torch.stack(out, dim=1).cpu() if out else ids.new_zeros((ids.shape[0], 0)).cpu()
 

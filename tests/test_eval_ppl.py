@@ -83,3 +83,20 @@ def test_perplexity_curve_points():
     assert [p["length"] for p in curve] == [32, 128] and all(p["tokens"] == 299 for p in curve)
     assert all(math.isclose(p["ppl"], math.exp(p["nll"])) for p in curve)
     assert all(50 < p["ppl"] < 200 for p in curve)  # an untrained model: about the vocabulary size (97)
+
+
+@pytest.mark.parametrize("arch,pattern", [("llama", "L"), ("tnl", "LS")])
+def test_stateless_models_generate_by_rerunning_the_sequence(arch, pattern):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch=arch, vocab_size=97, dim=32, layers=2, heads=2, glu_dim=64,
+                                    attention_pattern=pattern, lrpe_layers=[])).eval()
+    runner = ModelRunner(model, chunk_size=8)
+    assert not runner.recurrent
+    ids = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(4))
+    seq = ids
+    with torch.no_grad():
+        for _ in range(5):
+            seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(runner.generate(ids, 5), seq[:, 20:])
+    [(start, logits)] = list(runner.logits_chunks(ids))
+    assert start == 0 and logits.shape == (2, 20, 97)
