@@ -93,16 +93,17 @@ def set_grad_sync(model, sync: bool) -> None:
 
 
 @torch.no_grad()
-def clip_grad_norm(parameters, max_norm: float, pp_group=None) -> torch.Tensor:
+def clip_grad_norm(parameters, max_norm: float, pp_group=None, counted=None) -> torch.Tensor:
     """Global L2 norm over every mesh dim, then scale gradients by min(1, max_norm / norm).
 
     DTensor gradients (sharded over dp by FSDP and over tp) give a DTensor norm whose `full_tensor()` reduces
     over their mesh; pipeline stages hold different parameters, so their squared norms are summed over pp.
+    counted: the parameters that enter the norm (default all); a weight tied across pp stages counts once.
     """
     from torch.distributed.tensor import DTensor
 
     params = [p for p in parameters if p.grad is not None]
-    grads = [p.grad for p in params]
+    grads = [p.grad for p in (params if counted is None else counted) if p.grad is not None]
     if not grads:
         return torch.zeros(())
     total = torch.nn.utils.get_total_norm(grads, 2.0, foreach=False)

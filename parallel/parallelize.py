@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from parallel.data_parallel import apply_deepspeed, apply_fsdp, check_deepspeed, clip_grad_norm, set_grad_sync
-from parallel.mesh import DIMS, LayoutError, check_layout
+from parallel.mesh import DIMS, check_layout
 from parallel.tensor_parallel import apply_tp
 
 
@@ -32,26 +32,42 @@ def dp_mesh(mesh):
     return mesh["dp", "cp"]._flatten("dp_cp")
 
 
-def parallelize(model: nn.Module, mesh, cfg) -> nn.Module:
-    """Apply TP, CP and FSDP2 (per `cfg.parallel`) to a built, unsharded model in place; returns it.
+def parallelize(model: nn.Module, mesh, cfg, device="cpu"):
+    """Apply TP, CP, PP and FSDP2 (per `cfg.parallel`) to a built, unsharded model; returns the model, or
+    with pp > 1 a `parallel.pipeline.PipelineRunner` over this rank's stages (its `.module` holds them).
 
     With dp_engine=deepspeed the data-parallel wrap happens in `TrainStep` (DeepSpeed needs the optimizer).
     """
     p = cfg.parallel
     check_layout(p, mesh.size(), cfg.model)
-    if p.pp > 1:
-        raise LayoutError(f"parallel.pp={p.pp}: pipeline stages are built by parallel.pipeline, not parallelize()")
     if p.dp_engine == "deepspeed":
         check_deepspeed(p)
     if p.tp > 1:
-        apply_tp(model, mesh["tp"], loss_parallel=True, sequence_parallel=getattr(p, "sequence_parallel", False))
+        # Under pp the last stage's loss runs inside the schedule, outside a loss_parallel context: full logits.
+        apply_tp(model, mesh["tp"], loss_parallel=p.pp == 1, sequence_parallel=p.sequence_parallel)
     if p.cp > 1:
         from parallel.lasp import apply_lasp  # lazy: a layout without cp never needs it
 
         apply_lasp(model, mesh["cp"].get_group(), impl=p.cp_impl)
-    if p.dp * p.cp > 1 and p.dp_engine == "fsdp2":
+    fsdp = p.dp * p.cp > 1 and p.dp_engine == "fsdp2"
+    if p.pp > 1:
+        from parallel.pipeline import PipelineRunner  # stages share the (tp/cp-parallelized) modules
+
+        runner = PipelineRunner(model, mesh["pp"], p, device=device)
+        if fsdp:
+            for stage in runner.stage_modules:
+                apply_fsdp(stage, dp_mesh(mesh))
+            if runner._tied:  # FSDP replaced the parameter objects: point the tied-gradient exchange at them
+                runner._tied = [p for n, p in runner.named_parameters() if n in ("embed_tokens.weight", "lm_head.weight")]
+        return runner
+    if fsdp:
         apply_fsdp(model, dp_mesh(mesh))
     return model
+
+
+def trainable_module(parallelized) -> nn.Module:
+    """What the optimizer steps: the model, or a pipeline runner's stage module(s)."""
+    return parallelized.module if hasattr(parallelized, "stage_modules") else parallelized
 
 
 def _cross_entropy_sum(logits, labels) -> torch.Tensor:
@@ -72,6 +88,8 @@ class TrainStep:
     """
 
     def __init__(self, model, optimizer, scheduler, cfg, mesh=None, autocast=None):
+        self.runner = model if hasattr(model, "stage_modules") else None  # pp > 1: a PipelineRunner
+        model = trainable_module(model)
         self.cfg, self.mesh = cfg, mesh
         self.grad_accum = cfg.train.grad_accum
         self.autocast = autocast or nullcontext()
@@ -79,7 +97,7 @@ class TrainStep:
         self.group = dp_mesh(mesh).get_group() if mesh is not None and p.dp * p.cp > 1 else None
         self.group_size = p.dp * p.cp if self.group is not None else 1
         self.pp_group = mesh["pp"].get_group() if mesh is not None and p.pp > 1 else None
-        self.loss_parallel = mesh is not None and p.tp > 1
+        self.loss_parallel = mesh is not None and p.tp > 1 and self.runner is None
         self.engine = None
         if p.dp_engine == "deepspeed" and self.group is not None:
             self.engine = apply_deepspeed(model, optimizer, scheduler, cfg.train, p.zero_stage, self.group_size,
@@ -100,6 +118,13 @@ class TrainStep:
         ids, labels = batch["input_ids"], batch["labels"]
         offset = int(batch.get("position_offset", 0))
         n_global = float(self._all_sum((labels != -100).sum().to(torch.float64)))
+        if self.runner is not None:  # micro-batches are the schedule's; its loss is local_sum / n_global
+            loss = self.runner.step(ids, labels, position_offset=offset, num_tokens=int(n_global))
+            if self.group_size > 1:  # FSDP averaged over dp x cp what must be a sum (gloo has no PREMUL_SUM)
+                for p in self.model.parameters():
+                    if p.grad is not None:
+                        p.grad.mul_(self.group_size)
+            return float(self._all_sum(loss.detach().to(torch.float64)))
         scale = self.group_size / max(n_global, 1.0)
         micro = [(i, l) for i, l in zip(ids.tensor_split(self.grad_accum), labels.tensor_split(self.grad_accum))
                  if i.numel()]
@@ -132,7 +157,9 @@ class TrainStep:
             self.engine.step()
             grad_norm = float(self.engine.get_global_grad_norm() or 0.0)
         else:
-            grad_norm = float(clip_grad_norm(self.model.parameters(), self.cfg.train.grad_clip, self.pp_group))
+            counted = self.runner.norm_parameters() if self.runner is not None else None
+            grad_norm = float(clip_grad_norm(self.model.parameters(), self.cfg.train.grad_clip, self.pp_group,
+                                             counted))
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)

@@ -164,6 +164,11 @@ def apply_tp(model: nn.Module, tp_mesh, loss_parallel: bool = True, sequence_par
     parallelize_module(model, tp_mesh, top)
     if tied:  # both styles shard the (V, D) table on dim 0: re-tie to one parameter
         model.lm_head.weight = model.embed_tokens.weight
+    if model.embed_tokens is not None:
+        # The embedding's backward alone (a first pipeline stage) yields a replicated table gradient; keep it
+        # sharded like the weight, so gradients, their exchange between stages and the optimizer agree.
+        weight = model.embed_tokens.weight
+        weight.register_hook(lambda g: g if g.placements == weight.placements else g.redistribute(placements=weight.placements))
 
     for block in model.layers.values():
         _shard_heads(block.token_mixer, tp_mesh)
