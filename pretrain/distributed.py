@@ -69,8 +69,11 @@ def full_state(model, optimizer, engine=None) -> tuple[dict, dict]:
     Every rank takes part in the gathers; the result is complete on every rank (cheap for the models we
     save this way; sharded DCP checkpoints are the path for large ones).
     """
-    if engine is not None:  # DeepSpeed ZeRO-1/2 keep full weights on every rank; its optimizer is partitioned
-        return {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}, {}
+    if engine is not None:  # DeepSpeed: weights only (its optimizer state is partitioned its own way)
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):  # a no-op below ZeRO-3
+            return {k: v.detach().cpu().clone() for k, v in engine.module.state_dict().items()}, {}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
     return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
@@ -79,7 +82,13 @@ def full_state(model, optimizer, engine=None) -> tuple[dict, dict]:
 def load_full_state(model, optimizer, model_state: dict, optim_state: dict, engine=None) -> None:
     """Load full state dicts (as `full_state` returns) into a sharded model and optimizer, any layout."""
     if engine is not None:
-        engine.module.load_state_dict(model_state)
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=0):
+            engine.module.load_state_dict(model_state)
+        if dist.get_rank() == 0:
+            print("note: dp_engine=deepspeed checkpoints hold the weights only; AdamW moments restart at zero",
+                  flush=True)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 

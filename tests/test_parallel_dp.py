@@ -18,11 +18,13 @@ def test_fsdp2_dp2_matches_unsharded():
     assert results[0]["losses"] == pytest.approx(results[1]["losses"], abs=1e-6)
 
 
-def _deepspeed_worker(rank, world):
-    return parity_worker(rank, world, {"dp": 2, "dp_engine": "deepspeed", "zero_stage": 2}, steps=10, grad_accum=2)
+def _deepspeed_worker(rank, world, stage):
+    return parity_worker(rank, world, {"dp": 2, "dp_engine": "deepspeed", "zero_stage": stage}, steps=10,
+                         grad_accum=2)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed")
-def test_deepspeed_zero2_dp2_matches_unsharded():
-    results = run_distributed(_deepspeed_worker, world_size=2, timeout_s=180)
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_deepspeed_zero_dp2_matches_unsharded(stage):
+    results = run_distributed(_deepspeed_worker, world_size=2, args=(stage,), timeout_s=180)
     assert results[0]["losses"] == pytest.approx(results[1]["losses"], abs=1e-6)
