@@ -1,4 +1,4 @@
-"""Data parallelism (FSDP2, DeepSpeed ZeRO-2) against the unsharded model, with gradient accumulation."""
+"""Data parallelism (FSDP2; DeepSpeed ZeRO-1/2/3) against the unsharded model, with gradient accumulation."""
 import importlib.util
 
 import pytest
