@@ -15,6 +15,7 @@ Per block, over the tp mesh of size p (Megatron's notation, Y = X A):
 - the embedding is vocab-parallel (rows of the (V, D) table; out-of-range ids contribute zero and the
   partial results are summed); the tied `lm_head` is column-parallel over the same Shard(0) table, so the
   tie survives; with `loss_parallel` its logits stay vocab-sharded (a DTensor) for the cross-entropy.
+- a hybrid's softmax layers: q/k/v column-parallel by heads, o_proj row-parallel (RoPE and SDPA are per head).
 - sequence parallelism (Megatron-SP, optional): norms and residuals run on sequence shards (B, T/p, D);
   the token/channel mixers all-gather their input and their row-parallel outputs reduce-scatter.
 """
@@ -171,14 +172,18 @@ def apply_tp(model: nn.Module, tp_mesh, loss_parallel: bool = True, sequence_par
         weight.register_hook(lambda g: g if g.placements == weight.placements else g.redistribute(placements=weight.placements))
 
     for block in model.layers.values():
-        _shard_heads(block.token_mixer, tp_mesh)
-        plan = {
-            "token_mixer.qkvu_proj": BlockColwiseParallel(blocks=4),
-            "token_mixer.out_proj": RowwiseParallel(output_layouts=residual),
+        if isinstance(block.token_mixer, TokenMixer):
+            _shard_heads(block.token_mixer, tp_mesh)
+            plan = {"token_mixer.qkvu_proj": BlockColwiseParallel(blocks=4),
+                    "token_mixer.out_proj": RowwiseParallel(output_layouts=residual)}
+        else:  # a hybrid's softmax ('S') layer: Megatron attention, q/k/v by heads, o_proj row-parallel
+            plan = {f"token_mixer.{n}_proj": ColwiseParallel() for n in "qkv"}
+            plan["token_mixer.o_proj"] = RowwiseParallel(output_layouts=residual)
+        plan.update({
             "channel_mixer.l1": ColwiseParallel(),
             "channel_mixer.l2": ColwiseParallel(),
             "channel_mixer.l3": RowwiseParallel(output_layouts=residual),
-        }
+        })
         if sequence_parallel:
             # SRMSNorm has no weight and works per token, so the norms run unchanged on the local sequence
             # shard; the mixers all-gather it (token_mixer's args: x, position_offset, state, return_state).

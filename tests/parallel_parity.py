@@ -18,10 +18,10 @@ from pretrain.optim import build_optimizer, build_scheduler
 B, T = 4, 32
 
 
-def tiny_config(parallel: dict, grad_accum: int = 1, backend: str = "naive") -> Config:
+def tiny_config(parallel: dict, grad_accum: int = 1, backend: str = "naive", **model_kw) -> Config:
     cfg = Config()
-    cfg.model = ModelConfig(vocab_size=64, dim=32, layers=2, heads=4, glu_dim=64, lrpe_layers=[0],
-                            attn_backend=backend)
+    cfg.model = ModelConfig(**{**dict(vocab_size=64, dim=32, layers=2, heads=4, glu_dim=64, lrpe_layers=[0],
+                                      attn_backend=backend), **model_kw})
     cfg.train.lr, cfg.train.warmup_steps, cfg.train.steps = 1e-2, 2, 10
     cfg.train.weight_decay, cfg.train.grad_clip, cfg.train.grad_accum = 0.1, 0.5, grad_accum
     for k, v in parallel.items():
@@ -94,12 +94,12 @@ def reference(cfg: Config, steps: int):
 
 
 def parity_worker(rank: int, world: int, parallel: dict, steps: int = 10, grad_accum: int = 1,
-                  backend: str = "naive") -> dict:
+                  backend: str = "naive", model_kw: dict | None = None) -> dict:
     from parallel.mesh import build_mesh, coords
     from parallel.parallelize import TrainStep, parallelize, trainable_module
 
     torch.set_num_threads(1)
-    cfg = tiny_config(parallel, grad_accum, backend)
+    cfg = tiny_config(parallel, grad_accum, backend, **(model_kw or {}))
     ref = reference(cfg, steps)
 
     mesh = build_mesh(cfg.parallel)

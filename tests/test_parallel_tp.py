@@ -11,15 +11,18 @@ pytestmark = pytest.mark.distributed
 
 
 def _tp_worker(rank, world):
-    """tp=2 parity, then the same with sequence parallelism, in one spawn (process start is the cost)."""
+    """tp=2 parity, then with sequence parallelism, then a hybrid (lightning + softmax layer), in one spawn
+    (process start is the cost)."""
     plain = parity_worker(rank, world, {"tp": 2}, steps=10)
     sp = parity_worker(rank, world, {"tp": 2, "sequence_parallel": True}, steps=3)
-    return plain, sp
+    hybrid = parity_worker(rank, world, {"tp": 2, "sequence_parallel": True}, steps=3,
+                           model_kw={"attention_pattern": "LS"})
+    return plain, sp, hybrid
 
 
 def test_tp2_matches_unsharded():
-    (plain, sp), _ = run_distributed(_tp_worker, world_size=2, timeout_s=120)
-    assert plain["grad_err"] < 1e-4 and sp["grad_err"] < 1e-4
+    (plain, sp, hybrid), _ = run_distributed(_tp_worker, world_size=2, timeout_s=120)
+    assert max(plain["grad_err"], sp["grad_err"], hybrid["grad_err"]) < 1e-4
     assert len(plain["losses"]) == 10
 
 
