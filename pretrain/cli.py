@@ -12,10 +12,10 @@ verbs:
   train     pretrain from a YAML config (same as `python -m pretrain`)
   convert   checkpoint <-> Hugging Face conversion
   eval      long-context evaluation
-  bench     benchmarks: `lightspan bench {lightning,loader,lasp}`
+  bench     benchmarks: `lightspan bench {lightning,loader,lasp,attention,quality}`
 """
 
-BENCHES = ("lightning", "loader", "lasp")
+BENCHES = ("lightning", "loader", "lasp", "attention", "quality")
 
 
 def _prepare(argv) -> int:
