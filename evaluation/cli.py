@@ -51,7 +51,8 @@ def parse_args(argv):
     p.add_argument("--train-mqar", metavar="OUT", default=None,
                    help="train a tiny model on MQAR, save it as a checkpoint folder OUT, evaluate it, exit")
     p.add_argument("--mqar-arch", default="tnl", choices=("tnl", "llama"))
-    p.add_argument("--mqar-steps", type=int, default=600)
+    p.add_argument("--mqar-steps", type=int, default=1500)
+    p.add_argument("--mqar-seconds", type=float, default=90.0, help="the recipe stops after this wall time")
     return p.parse_args(argv)
 
 
@@ -64,7 +65,8 @@ def train_mqar_main(args) -> int:
     from .mqar import MQARSpec, evaluate, save_mqar_model, train_mqar
 
     spec = MQARSpec(seq_len=args.mqar_seq_len or MQARSpec.seq_len, num_kv_pairs=args.mqar_kv or MQARSpec.num_kv_pairs)
-    model, history = train_mqar(args.mqar_arch, spec, steps=args.mqar_steps, seed=args.seed)
+    model, history = train_mqar(args.mqar_arch, spec, steps=args.mqar_steps, seed=args.seed,
+                                time_limit_s=args.mqar_seconds, log_every=100)
     for h in history:
         print(f"[mqar] step {h['step']} loss {h['loss']:.4f} ({h['seconds']:.0f}s)")
     path = save_mqar_model(model, spec, args.train_mqar, history)

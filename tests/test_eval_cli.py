@@ -73,8 +73,8 @@ def test_train_mqar_recipe_saves_a_checkpoint_eval_reads(tmp_path):
     out = tmp_path / "mqar"
     assert lightspan(["eval", "--train-mqar", str(out), "--mqar-steps", "3", "--mqar-examples", "8"]) == 0
     meta = json.loads(next((out / "checkpoints").iterdir()).joinpath("meta.json").read_text())
-    assert meta["mqar"]["seq_len"] == 64 and len(meta["history"]) == 1
+    assert meta["mqar"]["seq_len"] == 32 and meta["history"][-1]["step"] == 3
     assert lightspan(["eval", str(out), "--out", str(tmp_path / "res"), "--tasks", "mqar",
                       "--mqar-examples", "8", "--no-progress"]) == 0
     res = json.loads((tmp_path / "res" / "results.json").read_text())["tasks"]["mqar"]
-    assert res["seq_len"] == 64 and res["vocab_size"] == 128 and "note" not in res
+    assert res["seq_len"] == 32 and res["vocab_size"] == 32 and "note" not in res

@@ -80,3 +80,24 @@ def test_registered_with_lm_eval():
     from lm_eval.api.registry import get_model
 
     assert get_model("lightspan") is LightspanLM and issubclass(LightspanLM, LM)
+
+
+@pytest.mark.slow
+def test_simple_evaluate_runs_a_local_task_through_the_adapter(lm, tmp_path):
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    docs = [{"ctx": "abc", "choices": ["d", "zz"], "label": 0}, {"ctx": "hello", "choices": [" x", "!"], "label": 1}]
+    (tmp_path / "docs.jsonl").write_text("".join(__import__("json").dumps(d) + "\n" for d in docs))
+    (tmp_path / "task.yaml").write_text(
+        "task: lightspan_unit_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {tmp_path / 'docs.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
+        'doc_to_text: "{{ctx}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: label\nmetric_list:\n  - metric: acc\n')
+    _, adapter = lm
+    out = lm_eval.simple_evaluate(model=adapter, tasks=["lightspan_unit_mc"],
+                                  task_manager=TaskManager(include_path=str(tmp_path)))
+    picks = []
+    for d in docs:  # lm-eval joins context and choice with " " (target_delimiter)
+        scores = adapter.loglikelihood([(d["ctx"], " " + c) for c in d["choices"]])
+        picks.append(int(max(range(len(scores)), key=lambda i: scores[i][0]) == d["label"]))
+    assert out["results"]["lightspan_unit_mc"]["acc,none"] == pytest.approx(sum(picks) / len(picks))
