@@ -49,6 +49,10 @@ def parallelize(model: nn.Module, mesh, cfg, device="cpu"):
         from parallel.lasp import apply_lasp  # lazy: a layout without cp never needs it
 
         apply_lasp(model, mesh["cp"].get_group(), impl=p.cp_impl)
+        # Softmax layers (hybrid stacks) and SharedLLM cross-attention get distributed MHA; none: a no-op.
+        from parallel.dist_attention import apply_dist_attention
+
+        apply_dist_attention(model, mesh["cp"].get_group(), impl=p.attn_cp_impl)
     fsdp = p.dp * p.cp > 1 and p.dp_engine == "fsdp2"
     if p.pp > 1:
         from parallel.pipeline import PipelineRunner  # stages share the (tp/cp-parallelized) modules

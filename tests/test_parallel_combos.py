@@ -24,6 +24,17 @@ def test_2x2_mesh_matches_unsharded(parallel, grad_accum):
         assert r["losses"] == pytest.approx(results[0]["losses"], abs=1e-6)
 
 
+def _hybrid_worker(rank, world, parallel):
+    return parity_worker(rank, world, parallel, steps=3, model_kw={"attention_pattern": "LS"})
+
+
+@pytest.mark.parametrize("impl", ["ring", "ulysses"])
+def test_hybrid_cp2_through_parallelize_matches_unsharded(impl):
+    """parallelize() installs LASP on lightning layers and distributed MHA on softmax layers in one model."""
+    results = run_distributed(_hybrid_worker, world_size=2, args=({"cp": 2, "attn_cp_impl": impl},), timeout_s=180)
+    assert results[0]["losses"] == pytest.approx(results[1]["losses"], abs=1e-6)
+
+
 @pytest.mark.parametrize("parallel", [
     {"pp": 2, "tp": 2, "microbatches": 2},
     {"pp": 2, "dp": 2, "microbatches": 2},
