@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ import torch
 PREFIX = "step_"
 
 
-def _sha256(path: Path) -> str:
+def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -40,13 +41,17 @@ def save(run_dir: Path, step: int, state: dict, meta: dict, keep_last: int = 3) 
         shutil.rmtree(tmp)
     tmp.mkdir()
     torch.save(state, tmp / "state.pt")
-    meta = dict(meta, step=step, saved_at=time.time(), files={"state.pt": _sha256(tmp / "state.pt")})
+    meta = dict(meta, step=step, saved_at=time.time(), files={"state.pt": sha256(tmp / "state.pt")})
+    from pretrain import test_hooks
+
+    test_hooks.pause("LIGHTSPAN_TEST_PAUSE_BEFORE_RENAME")
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     for old in list_complete(run_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
+    test_hooks.pause("LIGHTSPAN_TEST_PAUSE_AFTER_SAVE")
     return final
 
 
@@ -74,14 +79,38 @@ def resolve_resume(run_dir: Path, resume: str) -> Path | None:
     return path
 
 
+def verify(path: Path) -> dict:
+    """Returns meta.json; raises ValueError naming the first file whose sha256 differs from the manifest."""
+    path = Path(path)
+    meta = json.loads((path / "meta.json").read_text())
+    for name, expected in meta.get("files", {}).items():
+        if not (path / name).is_file() or sha256(path / name) != expected:
+            raise ValueError(f"checkpoint {path} is corrupt: {name} does not match the sha256 in meta.json; "
+                             f"delete it to resume from the previous one")
+    return meta
+
+
+def pick_resume(run_dir: Path, resume: str) -> Path | None:
+    """The checkpoint to resume from. resume=auto: the newest complete one whose files match their sha256,
+    warning about (and skipping) corrupt ones; an explicit path must be intact; 'none': None."""
+    if resume != "auto":
+        path = resolve_resume(run_dir, resume)
+        if path is not None:
+            verify(path)
+        return path
+    for path in reversed(list_complete(run_dir)):
+        try:
+            verify(path)
+            return path
+        except ValueError as e:
+            warnings.warn(f"{e}; falling back to the previous checkpoint", stacklevel=2)
+    return None
+
+
 def load(path: Path) -> tuple[dict, dict]:
     """Returns (state, meta); refuses a file whose checksum does not match its meta.json."""
     path = Path(path)
-    meta = json.loads((path / "meta.json").read_text())
-    expected = meta.get("files", {}).get("state.pt")
-    if expected and _sha256(path / "state.pt") != expected:
-        raise ValueError(f"checkpoint {path} is corrupt: state.pt does not match the sha256 in meta.json; "
-                         f"delete it to resume from the previous one")
+    meta = verify(path)
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     return state, meta
 

@@ -54,6 +54,7 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast; for GPUs)
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch intra-op threads on CPU; 0 leaves torch's default
+    on_nan: str = "stop"  # stop (raise, naming the step; nothing poisoned is saved) | skip (drop that update)
 
 
 @dataclass
@@ -76,6 +77,7 @@ class CheckpointConfig:
     every: int = 0  # steps between saves; 0 saves only at the end
     resume: str = "auto"  # auto (latest complete one in the run folder) | none | a checkpoint path
     keep_last: int = 3
+    async_save: bool = False  # distributed runs: write the sharded checkpoint in a background thread
 
 
 @dataclass
@@ -99,6 +101,7 @@ CHOICES = {
     "data.curriculum": ("uniform", "grow_p2", "grow_linear"),
     "train.precision": ("fp32", "bf16"),
     "train.device": ("auto", "cpu", "cuda"),
+    "train.on_nan": ("stop", "skip"),
     "parallel.dp_engine": ("fsdp2", "deepspeed"),
     "parallel.cp_impl": ("lasp2", "lasp1"),
     "parallel.attn_cp_impl": ("ring", "ulysses"),

@@ -77,9 +77,15 @@ def model_config_from_meta(meta: dict) -> ModelConfig:
 def load_model_weights(ckpt_path) -> tuple[ModelConfig, dict]:
     """(ModelConfig, model state dict on CPU) of a run folder or checkpoint folder.
 
-    The one place that knows the checkpoint format: a sharded torch.distributed.checkpoint reader goes here.
+    The one place that knows the checkpoint formats: single-process `state.pt`, and the distributed path's
+    sharded torch.distributed.checkpoint folders (any layout), read here in one process.
     """
     path = resolve_checkpoint(ckpt_path)
+    meta = checkpoint.verify(path)
+    if meta.get("format") == "dcp":
+        from pretrain.sharded_checkpoint import load_model_weights as load_sharded
+
+        return model_config_from_meta(meta), load_sharded(path)
     state, meta = checkpoint.load(path)
     if "model" not in state:
         raise ValueError(f"checkpoint {path} holds no model weights (state.pt has keys {sorted(state)[:8]})")

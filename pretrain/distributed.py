@@ -34,6 +34,11 @@ class DistEnv:
         dist.all_gather_object(out, obj)
         return out
 
+    def broadcast_object(self, obj, src: int = 0):
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -119,17 +119,18 @@ def test_trainer_tp_dp_cp_and_resume_match_single_process(corpus, tmp_path):
         assert runs[1][layout] == pytest.approx(single, abs=1e-4), layout
     assert runs[0]["resumed"] == pytest.approx(single[2:], abs=1e-4)
     assert (tmp_path / "tp" / "metrics.jsonl").is_file()
-    # checkpoints hold full tensors under the unsharded names: a tp=2 one loads into a plain model
+    # checkpoints keep the unsharded names: a tp=2 (sharded DCP) one loads into a plain model in one process
     import torch
 
     from model import build_model
     from pretrain import checkpoint
+    from pretrain.convert import load_model_weights
 
     cfg = _trainer_cfg(corpus, tmp_path / "single")
     final = {}
     for run in ("single", "tp"):
         model = build_model(cfg.model)
-        checkpoint.load_model_state(model, checkpoint.load(checkpoint.list_complete(tmp_path / run)[-1])[0]["model"])
+        checkpoint.load_model_state(model, load_model_weights(tmp_path / run)[1])
         final[run] = model.state_dict()
     for name, value in final["single"].items():
         torch.testing.assert_close(final["tp"][name], value, rtol=1e-4, atol=1e-5, msg=name)
