@@ -1,13 +1,13 @@
 """Quality at tiny scale, side by side in one run: what the long-context choices buy, measured here.
 
-    python -m bench.quality [--steps 150] [--mqar-seconds 90] [--prepared DIR] [--out runs/bench-quality] [--skip-train]
+    python -m bench.quality [--steps 150] [--mqar-steps 800] [--prepared DIR] [--skip-lm] [--out runs/bench-quality] [--skip-train]
 
 1. Dataset decomposition vs concat-and-chunk at equal tokens: two TNLs of configs/tiny.yaml trained for the same
    steps x tokens_per_step on the embedded corpus (data/stdlib-2k; `lightspan prepare --config configs/tiny.yaml`
    makes it), one on the DD loader (grow_p2, buckets 2^6..2^9), one on the concat loader (fixed 512-token
    windows). Then perplexity vs context length on held-out documents (the last ones of the prepared folder) and
    passkey retrieval, both through `evaluation`. Ratio: DD ppl / concat ppl per length.
-2. MQAR (Zoology): tiny models of the same width trained on the MQAR recipe for the same wall time each, then
+2. MQAR (Zoology): tiny models of the same width trained on the MQAR recipe for the same steps each, then
    query accuracy on fresh examples: plain TNL, the softmax baseline, a hybrid TNL (lightning + softmax layers)
    when `model.attention_pattern` exists, SharedLLM reported "not available" (its forward takes context chunks;
    MQAR has no chunked form here yet).
@@ -55,7 +55,7 @@ def _eval_lm(run_dir: Path, ppl_tokens: int, lengths: list, progress: bool) -> d
                                                                              "overall")}}
 
 
-def _mqar_rows(seconds: float, threads: int) -> list[dict]:
+def _mqar_rows(steps: int, seconds: float, threads: int) -> list[dict]:
     import torch
 
     from evaluation import mqar
@@ -75,8 +75,9 @@ def _mqar_rows(seconds: float, threads: int) -> list[dict]:
             rows.append({"model": name, "note": extra})
             print(f"[quality] MQAR {name}: {extra}", flush=True)
             continue
-        torch.set_num_threads(threads) if threads > 0 else None
-        model, history = mqar.train_mqar(arch, spec, steps=100_000, time_limit_s=seconds, log_every=100,
+        if threads > 0:
+            torch.set_num_threads(threads)
+        model, history = mqar.train_mqar(arch, spec, steps=steps, time_limit_s=seconds, log_every=100,
                                          model_overrides=extra)
         result = mqar.evaluate(ModelRunner(model), spec, n_examples=512)
         steps = history[-1]["step"]
@@ -95,8 +96,10 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=150, help="training steps of each LM (equal tokens: same steps)")
     p.add_argument("--ppl-tokens", type=int, default=16384, help="held-out tokens for perplexity")
     p.add_argument("--lengths", default="64,128,256,512,1024,2048,4096", help="perplexity context lengths")
-    p.add_argument("--mqar-seconds", type=float, default=90.0, help="training wall time of each MQAR model")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--mqar-steps", type=int, default=800, help="training steps of each MQAR model (equal steps)")
+    p.add_argument("--mqar-seconds", type=float, default=240.0, help="safety cap on each MQAR model's training time")
+    # one thread: on a shared, loaded 2-core machine two threads per tiny op oversubscribe (measured 20x slower)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     p.add_argument("--out", default="runs/bench-quality")
     p.add_argument("--prepared", default=None, help="prepared corpus folder (default: the config's)")
     p.add_argument("--skip-train", action="store_true", help="evaluate the LM runs already in --out")
@@ -133,7 +136,7 @@ def main(argv=None) -> int:
         plot_perplexity({"TNL + DD (grow_p2)": lm["dd"]["curve"], "TNL + concat": lm["concat"]["curve"]},
                         out / "perplexity.png", 512, "held-out perplexity, equal training tokens")
 
-    rows, spec = _mqar_rows(args.mqar_seconds, args.threads)
+    rows, spec = _mqar_rows(args.mqar_steps, args.mqar_seconds, args.threads)
     results["mqar"] = {"spec": spec, "rows": rows}
     print("\n| MQAR model | steps | train s | final loss | accuracy | chance |")
     print("|---|---|---|---|---|---|")

@@ -155,10 +155,11 @@ def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     import torch
 
+    if args.train_mqar:
+        torch.set_num_threads(args.threads or 1)  # a tiny model: a second thread only adds contention
+        return train_mqar_main(args)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    if args.train_mqar:
-        return train_mqar_main(args)
     if not args.path or not args.out:
         print("usage: lightspan eval PATH --out DIR [--tasks ppl,passkey,needle,mqar] (see --help)", file=sys.stderr)
         return 2
