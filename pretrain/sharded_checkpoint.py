@@ -19,6 +19,7 @@ loaded with weights_only=True.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -145,9 +146,15 @@ class ShardedCheckpointer:
         path = Path(path)
         meta = json.loads((path / "meta.json").read_text())
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        check_shapes(path, model_sd)
+        check_shapes(path, model_sd, stage=self.env.mesh["pp"].size() > 1)
+        # The saved optimizer param_groups are one non-tensor entry that DCP keeps from a single rank; under pp
+        # it names only that rank's stage. Keep this rank's parameter names with the saved hyperparameters.
+        own_groups = copy.deepcopy(optim_sd["param_groups"])
         state = _contiguous({"model": model_sd, "optim": optim_sd})
         dcp.load(state, storage_reader=dcp.FileSystemReader(str(path)))
+        for own, saved in zip(own_groups, state["optim"]["param_groups"]):  # saved lr etc., this rank's params
+            own.update({k: v for k, v in saved.items() if k != "params"})
+        state["optim"]["param_groups"] = own_groups
         # DCP resharded into this layout's placeholders; set_state_dict's full-tensor path then cuts each rank's
         # (possibly strided) piece. The full tensors exist per rank only transiently, one load at a time.
         state = _full(state)
@@ -170,11 +177,16 @@ class ShardedCheckpointer:
         return int(common["step"]), int(common["tokens_seen"])
 
 
-def check_shapes(path: Path, model_sd: dict) -> None:
-    """Refuse a checkpoint whose model tensors differ from this model's (global shapes), naming the first."""
+def check_shapes(path: Path, model_sd: dict, stage: bool = False) -> None:
+    """Refuse a checkpoint whose model tensors differ from this model's (global shapes), naming the first.
+
+    stage: this rank holds one pipeline stage, so the checkpoint's other stages' tensors are expected extras.
+    """
     saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     names = {k[len("model."):] for k in saved if k.startswith("model.")}
     missing, unexpected = sorted(set(model_sd) - names), sorted(names - set(model_sd))
+    if stage:
+        unexpected = []
     if missing or unexpected:
         raise ValueError(f"checkpoint {path} does not match the model: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")

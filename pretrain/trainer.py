@@ -79,10 +79,15 @@ class Trainer:
         if self.env is not None:
             from parallel.parallelize import parallelize
 
-            if cfg.parallel.pp > 1:  # the sharded checkpoint holds global names, but no test covers pp yet
-                raise NotImplementedError("parallel.pp > 1 is not wired into the trainer yet: "
-                                          "parallel.parallelize + TrainStep run it (tests/test_parallel_combos.py)")
-            self.model = parallelize(self.model, self.env.mesh, cfg)
+            from parallel.parallelize import trainable_module
+
+            if cfg.parallel.pp > 1 and cfg.parallel.pp_schedule == "interleaved":
+                raise NotImplementedError("the trainer runs parallel.pp_schedule=1f1b or gpipe; interleaved stages "
+                                          "run in parallel.parallelize/TrainStep but their checkpoints are not wired")
+            # Under pp, `parallelized` is a PipelineRunner; its stage module keeps the global parameter names,
+            # so optimizer, checkpoints and grad clipping all work on this rank's stage.
+            self.parallelized = parallelize(self.model, self.env.mesh, cfg)
+            self.model = trainable_module(self.parallelized)
         self.optimizer = build_optimizer(self.model, tc)  # after parallelize: it holds the sharded parameters
         self.skipped_steps = 0
         self.scheduler = build_scheduler(self.optimizer, tc)
@@ -94,7 +99,7 @@ class Trainer:
         if self.env is not None:
             from parallel.parallelize import TrainStep
 
-            self.train_step = TrainStep(self.model, self.optimizer, self.scheduler, cfg, self.env.mesh, self.autocast)
+            self.train_step = TrainStep(self.parallelized, self.optimizer, self.scheduler, cfg, self.env.mesh, self.autocast)
         # Distributed runs write sharded DCP checkpoints (DeepSpeed keeps full-state ones: its own partitioning).
         self.sharded = None
         if self.env is not None and self.train_step.engine is None:
