@@ -44,6 +44,24 @@ class DistEnv:
             dist.destroy_process_group()
 
 
+def _attempt_store(rank: int, world: int, timeout: datetime.timedelta):
+    """The rendezvous store, namespaced by torchrun's restart count (None outside torchelastic: env:// then).
+
+    After an elastic restart the agent's store still holds the previous attempt's keys, and gloo would read the
+    dead workers' addresses from them ("connectFullMesh ... Connection refused"); a per-attempt prefix avoids it.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        return None
+    from launch.env import read_env
+
+    env = read_env()
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(env.master_addr, env.master_port, world, is_master=rank == 0 and not agent_store,
+                          timeout=timeout, multi_tenant=not agent_store)
+    return dist.PrefixStore(f"lightspan/attempt_{attempt}", store)
+
+
 def setup_distributed(cfg, device: torch.device, timeout_s: float = 600.0) -> DistEnv | None:
     """None for a single process; else init the process group, check the layout and build the mesh.
 
@@ -57,8 +75,9 @@ def setup_distributed(cfg, device: torch.device, timeout_s: float = 600.0) -> Di
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=timeout_s)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+                                timeout=timeout, store=_attempt_store(rank, world, timeout))
     mesh = build_mesh(cfg.parallel, device.type)
     return DistEnv(rank, world, mesh, coords(mesh))
 

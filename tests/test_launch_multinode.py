@@ -69,3 +69,32 @@ def test_two_agents_on_localhost_match_one_agent(corpus, tmp_path):
         assert a.returncode == 0, out[-3000:]
     assert losses(tmp_path / "two") == losses(tmp_path / "one")
     assert len(losses(tmp_path / "two")) == 4
+
+
+def test_elastic_restart_resumes_and_sees_every_batch_once(corpus, tmp_path):
+    """Rank 1 dies before step 6 on the first attempt; torchrun (--max-restarts=1) restarts both workers, which
+    resume from the step-4 checkpoint. metrics.jsonl then holds step 5 twice (the uncheckpointed first try is
+    replayed); keeping the last record of each step must give exactly steps 1..8 with the uninterrupted losses,
+    and the token count of exactly 8 steps: no batch skipped, none trained twice."""
+    from pretrain.config import load_config
+    from pretrain.data import ensure_prepared
+
+    args = lambda out: [*train_args(corpus, out), "--train.steps=8", "--checkpoint.every=2"]  # noqa: E731
+    ensure_prepared(load_config(None, args(tmp_path / "x")))
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc-per-node=2",
+           "--max-restarts=1", "-m", "pretrain"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    straight = subprocess.run([*run, *args(tmp_path / "straight")], env=env, cwd=ROOT, capture_output=True,
+                              text=True, timeout=300)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    crashed = subprocess.run([*run, *args(tmp_path / "elastic")], env=dict(env, LIGHTSPAN_TEST_CRASH_AT_STEP="6"),
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert crashed.returncode == 0, crashed.stderr[-3000:]
+    assert "crashes before step 6" in crashed.stdout and "resumed from" in crashed.stdout
+
+    records = [json.loads(x) for x in (tmp_path / "elastic" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 5, 6, 7, 8]
+    last = {r["step"]: r for r in records}
+    assert sorted(last) == list(range(1, 9))
+    assert [last[s]["loss"] for s in range(1, 9)] == losses(tmp_path / "straight")
+    assert last[8]["tokens"] == 8 * 512
