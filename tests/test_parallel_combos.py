@@ -100,12 +100,23 @@ def _trainer_cfg(corpus, out, *extra):
 def _trainer_worker(rank, world, corpus, out):
     from pretrain.trainer import Trainer
 
+    import torch
+
     runs = {}
     for layout in ("tp", "dp", "cp"):
-        runs[layout] = Trainer(_trainer_cfg(corpus, out / layout, f"--parallel.{layout}=2")).train()
+        trainer = Trainer(_trainer_cfg(corpus, out / layout, f"--parallel.{layout}=2"))
+        runs[layout] = trainer.train()
+        if layout == "tp":  # the trained tp=2 model's logits, for the cross-layout load in the caller
+            with torch.no_grad():
+                logits = trainer.model(torch.arange(48).reshape(2, 24) % 500)
+            runs["tp_logits"] = logits.full_tensor() if hasattr(logits, "full_tensor") else logits
     # interrupted after 2 steps and resumed (the data-loader state is per layout; the weights are not)
     Trainer(_trainer_cfg(corpus, out / "resume", "--parallel.tp=2")).train(stop_after=2)
     runs["resumed"] = Trainer(_trainer_cfg(corpus, out / "resume", "--parallel.tp=2")).train()
+    # the same with asynchronous checkpoint writes (dcp.async_save), at dp=2
+    Trainer(_trainer_cfg(corpus, out / "async", "--parallel.dp=2", "--checkpoint.async_save=true")).train(stop_after=2)
+    runs["async_resumed"] = Trainer(_trainer_cfg(corpus, out / "async", "--parallel.dp=2",
+                                                 "--checkpoint.async_save=true")).train()
     return runs
 
 
@@ -118,6 +129,7 @@ def test_trainer_tp_dp_cp_and_resume_match_single_process(corpus, tmp_path):
         assert runs[0][layout] == pytest.approx(single, abs=1e-4), layout
         assert runs[1][layout] == pytest.approx(single, abs=1e-4), layout
     assert runs[0]["resumed"] == pytest.approx(single[2:], abs=1e-4)
+    assert runs[0]["async_resumed"] == pytest.approx(single[2:], abs=1e-4)
     assert (tmp_path / "tp" / "metrics.jsonl").is_file()
     # checkpoints keep the unsharded names: a tp=2 (sharded DCP) one loads into a plain model in one process
     import torch
@@ -134,6 +146,12 @@ def test_trainer_tp_dp_cp_and_resume_match_single_process(corpus, tmp_path):
         final[run] = model.state_dict()
     for name, value in final["single"].items():
         torch.testing.assert_close(final["tp"][name], value, rtol=1e-4, atol=1e-5, msg=name)
+    # cross-layout: the tp=2 checkpoint in one plain process gives the tp=2 model's logits
+    plain = build_model(cfg.model)
+    plain.load_state_dict(final["tp"])
+    with torch.no_grad():
+        logits = plain(torch.arange(48).reshape(2, 24) % 500)
+    torch.testing.assert_close(logits, runs[0]["tp_logits"], rtol=1e-5, atol=1e-5)
 
 
 def _trainer_pp_worker(rank, world, corpus, out):
