@@ -66,15 +66,6 @@ def _eval(argv) -> int:
     return eval_main(argv)
 
 
-def _not_yet(verb: str):
-    def run(argv) -> int:
-        print(f"lightspan {verb}: not yet available in this version (see the open issues in README.md)",
-              file=sys.stderr)
-        return 3
-
-    return run
-
-
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
