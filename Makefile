@@ -9,7 +9,7 @@ EXTRAS ?= dev,eval
 DEMO_CONFIG ?= configs/tiny.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test clean
+.PHONY: setup test-deps demo test clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,13 @@ demo: setup
 	$(VENV)/bin/lightspan prepare --config $(DEMO_CONFIG)
 	$(VENV)/bin/lightspan train --config $(DEMO_CONFIG)
 
-test: setup
+# DeepSpeed ships only an sdist: build it against the venv's torch (no isolated build env pulling a CUDA torch),
+# with no C++ ops (DS_BUILD_OPS=0). megatron-core reads/writes Megatron .bin/.idx corpora in the data tests.
+test-deps: setup
+	@$(PY) -c "import deepspeed, megatron.core" 2>/dev/null || DS_BUILD_OPS=0 $(PIP) install -q \
+		--disable-pip-version-check --no-build-isolation "deepspeed==0.19.8" "megatron-core==0.16.1"
+
+test: test-deps
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean:
