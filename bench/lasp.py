@@ -23,7 +23,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from collections import defaultdict
 
 import torch
@@ -113,7 +112,7 @@ class UlyssesAttention:
     def __call__(self, q, k, v, slope, initial_state=None, output_final_state=False):
         from model.ops import lightning_attn
 
-        W, r = dist.get_world_size(self.group), dist.get_rank(self.group)
+        r = dist.get_rank(self.group)
         q, k, v = (_Reshard.apply(x, True, self.group) for x in (q, k, v))
         h = q.shape[1]
         o, _ = lightning_attn(q, k, v, slope[r * h:(r + 1) * h], backend=self.backend)

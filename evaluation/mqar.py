@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -132,7 +133,7 @@ def train_mqar(arch: str = "tnl", spec: MQARSpec | None = None, steps: int = 150
     return model.eval(), history
 
 
-def save_mqar_model(model, spec: MQARSpec, out_dir, history: list) -> "Path":  # noqa: F821
+def save_mqar_model(model, spec: MQARSpec, out_dir, history: list) -> Path:
     """A checkpoint folder `lightspan eval` loads; meta.json carries the MQAR spec the model was trained on."""
     from pretrain import checkpoint
 

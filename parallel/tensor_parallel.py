@@ -34,7 +34,7 @@ from torch.distributed.tensor.parallel import (
 )
 from torch.distributed.tensor.placement_types import _StridedShard
 
-from model.tnl import Lrpe, SRMSNorm, TokenMixer, TransnormerLM
+from model.tnl import Lrpe, TokenMixer, TransnormerLM
 
 
 class BlockColwiseParallel(ParallelStyle):

@@ -137,3 +137,14 @@ def parity_worker(rank: int, world: int, parallel: dict, steps: int = 10, grad_a
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref["losses"]), rtol=1e-4, atol=1e-4,
                                msg="losses over steps")
     return {"grad_err": worst, "losses": losses}
+
+
+def trainer_args(corpus, out) -> list[str]:
+    """CLI overrides for a seconds-long trainer run on the `corpus` fixture (tests of the torchrun path)."""
+    return [
+        f"--data.source={corpus / 'docs.jsonl'}", f"--data.prepared_dir={corpus / 'prepared'}",
+        "--data.min_log2=5", "--data.max_log2=7", "--data.tokens_per_step=512", "--data.cycles=2",
+        "--model.vocab_size=512", "--model.dim=32", "--model.layers=2", "--model.heads=2", "--model.glu_dim=64",
+        "--model.attn_backend=chunked", "--train.lr=1e-2", "--train.warmup_steps=2", "--train.device=cpu",
+        "--train.steps=4", f"--train.out_dir={out}", "--log.every=1", "--log.tensorboard=false",
+    ]

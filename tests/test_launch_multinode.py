@@ -2,7 +2,6 @@
 and log the same losses as one agent with two local workers."""
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -10,32 +9,14 @@ from pathlib import Path
 import pytest
 
 from parallel.harness import free_port
+from parallel_parity import trainer_args
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    from data_pipeline import stdlib_files
-
-    root = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(0)
-    with open(root / "docs.jsonl", "w") as f:
-        for path in stdlib_files()[:200]:
-            f.write(json.dumps({"text": path.read_text(errors="replace")[: rng.choice([300, 1000, 3000])]}) + "\n")
-    return root
-
-
 def train_args(corpus, out):
-    return [
-        f"--data.source={corpus / 'docs.jsonl'}", f"--data.prepared_dir={corpus / 'prepared'}",
-        "--data.min_log2=5", "--data.max_log2=7", "--data.tokens_per_step=512", "--data.cycles=2",
-        "--model.vocab_size=512", "--model.dim=32", "--model.layers=2", "--model.heads=2", "--model.glu_dim=64",
-        "--model.attn_backend=chunked", "--train.lr=1e-2", "--train.warmup_steps=2", "--train.device=cpu",
-        "--train.steps=4", f"--train.out_dir={out}", "--log.every=1", "--log.tensorboard=false",
-        "--parallel.dp=2",
-    ]
+    return [*trainer_args(corpus, out), "--parallel.dp=2"]
 
 
 def losses(run: Path) -> list[float]:

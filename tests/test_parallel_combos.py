@@ -4,7 +4,7 @@ pp x tp and pp x dp; the 1024-rank dry-run mesh; the trainer's torchrun path aga
 import pytest
 
 from parallel.harness import run_distributed
-from parallel_parity import parity_worker
+from parallel_parity import parity_worker, trainer_args
 
 pytestmark = pytest.mark.distributed
 
@@ -69,32 +69,10 @@ def test_dry_run_builds_the_1024_rank_mesh_on_the_fake_backend():
 # -- the trainer's distributed path (what `torchrun -m pretrain` runs), against the single-process trainer ----
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """~200 stdlib slices of spread-out lengths as a local jsonl source, prepared once."""
-    import json
-    import random
-
-    from data_pipeline import stdlib_files
-
-    root = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(0)
-    with open(root / "docs.jsonl", "w") as f:
-        for path in stdlib_files()[:200]:
-            f.write(json.dumps({"text": path.read_text(errors="replace")[: rng.choice([300, 1000, 3000])]}) + "\n")
-    return root
-
-
 def _trainer_cfg(corpus, out, *extra):
     from pretrain.config import load_config
 
-    return load_config(None, [
-        f"--data.source={corpus / 'docs.jsonl'}", f"--data.prepared_dir={corpus / 'prepared'}",
-        "--data.min_log2=5", "--data.max_log2=7", "--data.tokens_per_step=512", "--data.cycles=2",
-        "--model.vocab_size=512", "--model.dim=32", "--model.layers=2", "--model.heads=2", "--model.glu_dim=64",
-        "--model.attn_backend=chunked", "--train.lr=1e-2", "--train.warmup_steps=2", "--train.device=cpu",
-        "--train.steps=4", f"--train.out_dir={out}", "--log.every=1", "--log.tensorboard=false", *extra,
-    ])
+    return load_config(None, [*trainer_args(corpus, out), *extra])
 
 
 def _trainer_worker(rank, world, corpus, out):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from model import ModelConfig, build_model
-from model.tnl import Lrpe, TransnormerLM, alibi_slopes, tnl_decay_slopes
+from model.tnl import Lrpe, TransnormerLM, tnl_decay_slopes
 
 
 def tiny_cfg(**kw):

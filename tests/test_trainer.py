@@ -1,7 +1,6 @@
 """Single-process training end to end: loss falls, logs are written, resume reproduces the run exactly."""
 import json
 import random
-from pathlib import Path
 
 import pytest
 
