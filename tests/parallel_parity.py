@@ -148,3 +148,27 @@ def trainer_args(corpus, out) -> list[str]:
         "--model.attn_backend=chunked", "--train.lr=1e-2", "--train.warmup_steps=2", "--train.device=cpu",
         "--train.steps=4", f"--train.out_dir={out}", "--log.every=1", "--log.tensorboard=false",
     ]
+
+
+def check_cp_share(model, sharded, logits, logits_ref, loss_ref, labels, sl, tag: str = "") -> float:
+    """This cp rank's share vs the unsharded run (whose loss_ref.backward() is done).
+
+    logits: this rank's (B, C, V) for tokens `sl`. The local token-sum loss over the global token count, summed
+    over cp, is the unsharded mean; logits to 1e-5, loss to 1e-5, every replicated parameter's gradient summed
+    over cp to 1e-4. Returns the global loss.
+    """
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    loss = F.cross_entropy(logits.flatten(0, 1), labels[:, sl].flatten(), reduction="sum") / labels.numel()
+    loss.backward()
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    torch.testing.assert_close(logits, logits_ref[:, sl], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(total, loss_ref.detach(), atol=1e-5, rtol=1e-5)
+    ref = dict(model.named_parameters())
+    for name, p in sharded.named_parameters():
+        grad = p.grad.clone()
+        dist.all_reduce(grad)  # replicated parameters: grads summed over cp
+        torch.testing.assert_close(grad, ref[name].grad, atol=1e-4, rtol=1e-4, msg=lambda m: f"{tag} {name}: {m}")
+    return float(total)

@@ -12,6 +12,7 @@ from model.tnl import TokenMixer
 from parallel.dist_attention import RingAttention, UlyssesAttention, apply_dist_attention
 from parallel.harness import run_distributed
 from parallel.lasp import LaspAttention, apply_lasp, cp_position_offset
+from parallel_parity import check_cp_share
 
 
 def hybrid_cfg():
@@ -53,19 +54,7 @@ def _hybrid_parity(rank, world, impl, T=16, B=2):
     C = T // world
     sl = slice(rank * C, (rank + 1) * C)
     logits = sharded(ids[:, sl], position_offset=cp_position_offset(rank, C))
-    loss = F.cross_entropy(logits.flatten(0, 1), labels[:, sl].flatten(), reduction="sum") / labels.numel()
-    loss.backward()
-    total = loss.detach().clone()
-    dist.all_reduce(total)
-
-    torch.testing.assert_close(logits, logits_ref[:, sl], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(total, loss_ref.detach(), atol=1e-5, rtol=1e-5)
-    ref = dict(model.named_parameters())
-    for name, p in sharded.named_parameters():
-        grad = p.grad.clone()
-        dist.all_reduce(grad)  # replicated parameters: grads summed over cp
-        torch.testing.assert_close(grad, ref[name].grad, atol=1e-4, rtol=1e-4, msg=lambda m: f"{impl} {name}: {m}")
-    return float(total)
+    return check_cp_share(model, sharded, logits, logits_ref, loss_ref, labels, sl, impl)
 
 
 def _both_impls(rank, world):

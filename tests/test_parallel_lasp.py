@@ -14,6 +14,7 @@ from model import ModelConfig, build_model
 from model.ops import lightning_attn
 from parallel.harness import run_distributed
 from parallel.lasp import LaspAttention, apply_lasp, cp_position_offset
+from parallel_parity import check_cp_share
 
 
 def _op_case(rank, world, impl, backend, dtype, T=32, B=2, H=3, Dk=8, Dv=6):
@@ -71,20 +72,7 @@ def _model_parity(rank, world, impl, backend, T=32, B=2):
     C = T // world
     sl = slice(rank * C, (rank + 1) * C)
     logits = sharded(ids[:, sl], position_offset=cp_position_offset(rank, C))
-    # the unsharded token mean: local sum over the global token count, summed over cp
-    loss = F.cross_entropy(logits.flatten(0, 1), labels[:, sl].flatten(), reduction="sum") / labels.numel()
-    loss.backward()
-    total = loss.detach().clone()
-    dist.all_reduce(total)
-
-    torch.testing.assert_close(logits, logits_ref[:, sl], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(total, loss_ref.detach(), atol=1e-5, rtol=1e-5)
-    ref_grads = dict(model.named_parameters())
-    for name, p in sharded.named_parameters():
-        grad = p.grad.clone()
-        dist.all_reduce(grad)
-        torch.testing.assert_close(grad, ref_grads[name].grad, atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
-    return float(total)
+    return check_cp_share(model, sharded, logits, logits_ref, loss_ref, labels, sl, impl)
 
 
 def _lasp1_matches_lasp2(rank, world, T=24):

@@ -14,6 +14,7 @@ from model.sharedllm import CrossAttention, SharedLLM, build_tree, split_context
 from parallel.dist_attention import apply_dist_attention, sharedllm_cp_shard
 from parallel.harness import run_distributed
 from parallel.lasp import apply_lasp, cp_position_offset
+from parallel_parity import check_cp_share
 
 
 def block_feats(c=1024, block=128):
@@ -180,18 +181,7 @@ def _cp_parity(rank, world, impl, B=2, n=4, T=8):
     local_chunks, chunk_offset = sharedllm_cp_shard(chunks, rank, world)
     logits = sharded(local_chunks, ids[:, sl], position_offset=cp_position_offset(rank, C), chunk_offset=chunk_offset,
                      total_chunks=n)
-    loss = F.cross_entropy(logits.flatten(0, 1), labels[:, sl].flatten(), reduction="sum") / labels.numel()
-    loss.backward()
-    total = loss.detach().clone()
-    dist.all_reduce(total)
-    torch.testing.assert_close(logits, logits_ref[:, sl], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(total, loss_ref.detach(), atol=1e-5, rtol=1e-5)
-    ref = dict(model.named_parameters())
-    for name, p in sharded.named_parameters():
-        grad = p.grad.clone()
-        dist.all_reduce(grad)
-        torch.testing.assert_close(grad, ref[name].grad, atol=1e-4, rtol=1e-4, msg=lambda m: f"{impl} {name}: {m}")
-    return float(total)
+    return check_cp_share(model, sharded, logits, logits_ref, loss_ref, labels, sl, impl)
 
 
 def _both(rank, world):
