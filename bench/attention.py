@@ -69,15 +69,15 @@ def _run_one(kind: str, T: int, args, queue) -> None:
         if kind != "sharedllm":
             return (torch.randint(0, args.vocab, (1, total), generator=g),)
         n = (total - args.text) // 1024
-        return (torch.randint(0, args.vocab, (1, n, 1024), generator=g),
-                torch.randint(0, args.vocab, (1, args.text), generator=g))
+        return (torch.randint(0, args.vocab, (1, args.text), generator=g),
+                torch.randint(0, args.vocab, (1, n, 1024), generator=g))
 
     def step(xs):
         if args.forward_only:
             with torch.no_grad():
-                model(*xs)
+                model(*xs[:1], context_chunks=xs[1] if len(xs) > 1 else None)
         else:
-            model(*xs).float().sum().backward()
+            model(*xs[:1], context_chunks=xs[1] if len(xs) > 1 else None).float().sum().backward()
             model.zero_grad(set_to_none=True)
 
     step(inputs(min(T, args.text + 2048)))  # warm-up on a short input

@@ -9,7 +9,7 @@ def build_model(cfg: ModelConfig):
         from .tnl import TransnormerLM
 
         return TransnormerLM(cfg)
-    if cfg.arch == "sharedllm":  # forward(context_chunks, input_ids): not the trainer's (input_ids) call
+    if cfg.arch == "sharedllm":  # forward(input_ids, context_chunks=...): see model.sharedllm
         from .sharedllm import SharedLLM
 
         return SharedLLM(cfg)

@@ -32,6 +32,9 @@ class ModelConfig:
     sharedllm_lower: str = "shared"  # shared (same weights as the upper tower) | copy (own weights)
     sharedllm_trainable: str = "all"  # all | cross (only the cross-attention blocks train)
     sharedllm_select: str = "right"  # right (language modelling) | query (cosine to the query's summary)
+    # training input: the first `sharedllm_context_chunks` x `sharedllm_chunk` tokens of each sequence are the
+    # context (compressed), the rest is the running text the loss is taken on (SharedLLM: 4 x 1024 + 4096)
+    sharedllm_context_chunks: int = 4
     # softmax layers (llama baseline, hybrid S layers, cross-attention)
     rope_theta: float = 10000.0
     tie_embeddings: bool = True
@@ -72,6 +75,8 @@ class ModelConfig:
         m = self.sharedllm_layers
         if not 1 <= m <= self.layers:
             raise ValueError(f"model.sharedllm_layers ({m}) must be between 1 and model.layers ({self.layers})")
+        if self.sharedllm_context_chunks < 1:
+            raise ValueError(f"model.sharedllm_context_chunks must be >= 1, got {self.sharedllm_context_chunks}")
         if self.sharedllm_depth < 1 or self.sharedllm_node_positions < 1:
             raise ValueError(f"model.sharedllm_depth ({self.sharedllm_depth}) and model.sharedllm_node_positions "
                              f"({self.sharedllm_node_positions}) must be positive")

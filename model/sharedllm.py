@@ -1,6 +1,9 @@
 """SharedLLM-style context compressor on TNL (DESIGN section 5).
 
-    logits = SharedLLM(cfg)(context_chunks (B, n, C), input_ids (B, T))  -> (B, T, V), loss on the running text
+    logits = SharedLLM(cfg)(input_ids (B, T), context_chunks=(B, n, C))  -> (B, T, V), loss on the running text
+
+Training sequences of n*C + T tokens are cut by `split_context` (n = model.sharedllm_context_chunks); the
+trainer does it in `pretrain.data.sharedllm_batch`, which also shares chunks and text out over cp ranks.
 
 Lower tower: the first M layers of a TNL (the decoder's own weights, or a copy), run over each context chunk
 independently (positions from 0, always on this process). Per lower layer j it yields the per-position
@@ -45,11 +48,13 @@ def split_context(ids: torch.Tensor, n_chunks: int, chunk: int) -> tuple[torch.T
     """A training sequence (B, n*C + T) -> context chunks (B, n, C) and running text (B, T).
 
     The loss is taken on the running text only (its next-token labels), as in the SharedLLM LM setting
-    (4 x 1024 context + 4096 text from 8192-token sequences).
+    (4 x 1024 context + 4096 text from 8192-token sequences; `model.sharedllm_context_chunks` is n).
     """
     b, total = ids.shape
     if total <= n_chunks * chunk:
-        raise ValueError(f"sequence of {total} tokens leaves no running text after {n_chunks} x {chunk} context")
+        raise ValueError(f"a sequence of {total} tokens leaves no running text after the {n_chunks} x {chunk} "
+                         f"context tokens: raise the sequence length (data.seq_len / 2^data.min_log2) above "
+                         f"{n_chunks * chunk} or lower model.sharedllm_context_chunks")
     return ids[:, :n_chunks * chunk].reshape(b, n_chunks, chunk), ids[:, n_chunks * chunk:]
 
 
@@ -208,22 +213,31 @@ class SharedLLM(nn.Module):
         positions = torch.arange(chunk_offset, chunk_offset + n, device=index.device).repeat_interleave(per_chunk)
         return mem, positions
 
-    def forward(self, context_chunks, input_ids, position_offset: int = 0, query_ids=None, chunk_offset: int = 0,
-                total_chunks: int | None = None):
-        """context_chunks (B, n, C), input_ids (B, T) -> logits (B, T, V).
+    def forward(self, input_ids, position_offset: int = 0, context_chunks=None, memory=None, query_ids=None,
+                chunk_offset: int = 0, total_chunks: int | None = None):
+        """input_ids (B, T) running text, context_chunks (B, n, C) -> logits (B, T, V).
 
-        Under cp: this rank's chunks (global chunk_offset, of total_chunks) and its running-text shard
-        (global start position_offset).
+        memory: a precomputed `self.memory(...)` result instead of context_chunks (evaluation decodes many
+        steps against one context); neither: no cross-attention (the plain decoder). Under cp: this rank's
+        chunks (global `chunk_offset`, of `total_chunks`) and its running-text shard (global start
+        `position_offset`). A pipeline stage (a view holding some decoder layers, see
+        `parallel.pipeline.stage_view`) takes hidden states when it has no embedding and returns them when
+        it has no head; only the stage holding the lowest M layers holds `cross` and reads the context.
         """
-        mem, positions = self.memory(context_chunks, query_ids, chunk_offset)
-        q_position = context_chunks.shape[1] if total_chunks is None else total_chunks
+        n = None if context_chunks is None else context_chunks.shape[1]
+        if memory is None and context_chunks is not None and len(self.cross):
+            memory = self.memory(context_chunks, query_ids, chunk_offset)
+        if memory is not None:
+            mem, positions = memory
+            q_position = total_chunks if total_chunks is not None else (n if n is not None else int(positions[-1]) + 1)
         dec = self.decoder
-        x = dec.embed_tokens(input_ids) * dec.embed_scale
-        for j, block in enumerate(dec.layers.values()):
-            if j < len(mem):
+        x = dec.embed_tokens(input_ids) * dec.embed_scale if dec.embed_tokens is not None else input_ids
+        for name, block in dec.layers.items():
+            if memory is not None and name in self.cross:
                 x = x + block.token_mixer(block.token_norm(x), position_offset)
-                x = x + self.cross[str(j)](x, *mem[j], q_position, positions)
+                x = x + self.cross[name](x, *mem[int(name)], q_position, positions)
                 x = x + block.channel_mixer(block.channel_norm(x))
             else:
                 x = block(x, position_offset)
-        return dec.lm_head(dec.final_norm(x))
+        x = dec.final_norm(x) if dec.final_norm is not None else x
+        return dec.lm_head(x) if dec.lm_head is not None else x

@@ -16,11 +16,21 @@ from torch import nn
 
 
 def apply_fsdp(model: nn.Module, dp_mesh, reshard_after_forward: bool = True, mp_policy=None) -> nn.Module:
-    """fully_shard every block, then the root (embedding, tied head, final norm). dp_mesh: 1-D."""
+    """fully_shard every block, then the root (embedding, tied head, final norm). dp_mesh: 1-D.
+
+    SharedLLM: the decoder blocks above the compressor and a copied lower tower's blocks get their own units;
+    a shared lower tower runs its blocks twice per forward (over the context chunks, then over the text), so
+    those blocks and the cross-attention stay in the root unit (gathered once for both uses).
+    """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     kw = {"mesh": dp_mesh, "mp_policy": mp_policy or MixedPrecisionPolicy(), "shard_placement_fn": _fsdp_placement}
-    blocks = list(model.layers.values())
+    if hasattr(model, "cross") and hasattr(model, "decoder"):  # SharedLLM (or a pipeline stage of one)
+        shared = model.cfg.sharedllm_lower == "shared"
+        blocks = [b for name, b in model.decoder.layers.items() if not (shared and int(name) < model.cfg.sharedllm_layers)]
+        blocks += list(getattr(model, "lower_layers", None).values()) if getattr(model, "lower_layers", None) else []
+    else:
+        blocks = list(model.layers.values())
     for i, block in enumerate(blocks):
         # The last block is gathered again at once by the root's backward: keeping it avoids a round trip.
         fully_shard(block, reshard_after_forward=reshard_after_forward and i < len(blocks) - 1, **kw)

@@ -44,7 +44,14 @@ def parallelize(model: nn.Module, mesh, cfg, device="cpu"):
         check_deepspeed(p)
     if p.tp > 1:
         # Under pp the last stage's loss runs inside the schedule, outside a loss_parallel context: full logits.
-        apply_tp(model, mesh["tp"], loss_parallel=p.pp == 1, sequence_parallel=p.sequence_parallel)
+        if getattr(model, "cross", None) is not None:  # SharedLLM: the decoder's plan + cross-attention by heads
+            from parallel.dist_attention import apply_sharedllm_tp
+
+            if p.sequence_parallel:
+                raise ValueError("parallel.sequence_parallel is not supported for SharedLLM; set it to false")
+            apply_sharedllm_tp(model, mesh["tp"], loss_parallel=p.pp == 1)
+        else:
+            apply_tp(model, mesh["tp"], loss_parallel=p.pp == 1, sequence_parallel=p.sequence_parallel)
     if p.cp > 1:
         from parallel.lasp import apply_lasp  # lazy: a layout without cp never needs it
 
@@ -62,7 +69,8 @@ def parallelize(model: nn.Module, mesh, cfg, device="cpu"):
             for stage in runner.stage_modules:
                 apply_fsdp(stage, dp_mesh(mesh))
             if runner._tied:  # FSDP replaced the parameter objects: point the tied-gradient exchange at them
-                runner._tied = [p for n, p in runner.named_parameters() if n in ("embed_tokens.weight", "lm_head.weight")]
+                runner._tied = [p for n, p in runner.named_parameters()
+                                if n.split(".")[-2:] in (["embed_tokens", "weight"], ["lm_head", "weight"])]
         return runner
     if fsdp:
         apply_fsdp(model, dp_mesh(mesh))
@@ -72,6 +80,24 @@ def parallelize(model: nn.Module, mesh, cfg, device="cpu"):
 def trainable_module(parallelized) -> nn.Module:
     """What the optimizer steps: the model, or a pipeline runner's stage module(s)."""
     return parallelized.module if hasattr(parallelized, "stage_modules") else parallelized
+
+
+MODEL_INPUTS = ("context_chunks", "chunk_offset", "total_chunks")  # batch keys forwarded to the model
+
+
+def model_inputs(batch: dict) -> dict:
+    """The forward arguments a batch carries beyond input_ids and position_offset (SharedLLM's context)."""
+    return {k: batch[k] for k in MODEL_INPUTS if k in batch}
+
+
+def micro_batches(ids, labels, extra: dict, n: int) -> list[tuple]:
+    """Split a batch into n micro-batches along dim 0: (ids, labels, extra) each, tensors split, ints kept."""
+    split = {k: v.tensor_split(n) if torch.is_tensor(v) else [v] * n for k, v in extra.items()}
+    out = []
+    for i, (mb_ids, mb_labels) in enumerate(zip(ids.tensor_split(n), labels.tensor_split(n))):
+        if mb_ids.numel():
+            out.append((mb_ids, mb_labels, {k: v[i] for k, v in split.items()}))
+    return out
 
 
 def _cross_entropy_sum(logits, labels) -> torch.Tensor:
@@ -85,7 +111,8 @@ def _cross_entropy_sum(logits, labels) -> torch.Tensor:
 class TrainStep:
     """One optimizer step of a parallelized model on this rank's share of the global batch.
 
-    batch: input_ids, labels (B_local, T_local), optional position_offset (cp chunk start). The loss each rank
+    batch: input_ids, labels (B_local, T_local), optional position_offset (cp chunk start) and the model's
+    further inputs (`MODEL_INPUTS`: SharedLLM's context chunks, split with the micro-batches). The loss each rank
     backpropagates is local_sum / N_global * G, where N_global counts valid labels over the dp x cp group and
     G is that group's size (the data-parallel engine averages over it), so the update equals the unsharded
     one on the whole batch. Returns (global mean loss, global grad norm) as floats.
@@ -123,18 +150,17 @@ class TrainStep:
         offset = int(batch.get("position_offset", 0))
         n_global = float(self._all_sum((labels != -100).sum().to(torch.float64)))
         if self.runner is not None:  # micro-batches are the schedule's; its loss is local_sum / n_global
-            loss = self.runner.step(ids, labels, position_offset=offset, num_tokens=int(n_global))
+            loss = self.runner.step(ids, labels, position_offset=offset, num_tokens=int(n_global), **model_inputs(batch))
             if self.group_size > 1:  # FSDP averaged over dp x cp what must be a sum (gloo has no PREMUL_SUM)
                 for p in self.model.parameters():
                     if p.grad is not None:
                         p.grad.mul_(self.group_size)
             return float(self._all_sum(loss.detach().to(torch.float64)))
         scale = self.group_size / max(n_global, 1.0)
-        micro = [(i, l) for i, l in zip(ids.tensor_split(self.grad_accum), labels.tensor_split(self.grad_accum))
-                 if i.numel()]
+        micro = micro_batches(ids, labels, model_inputs(batch), self.grad_accum)
         total = torch.zeros((), dtype=torch.float64, device=ids.device)
         forward = self.engine if self.engine is not None else self.model
-        for n, (mb_ids, mb_labels) in enumerate(micro):
+        for n, (mb_ids, mb_labels, mb_extra) in enumerate(micro):
             last = n == len(micro) - 1
             set_grad_sync(self.model, last)
             if self.loss_parallel:
@@ -145,7 +171,7 @@ class TrainStep:
                 lp = nullcontext()
             with lp:  # the vocab-parallel loss needs its context around the backward too
                 with self.autocast:
-                    logits = forward(mb_ids, position_offset=offset)
+                    logits = forward(mb_ids, position_offset=offset, **mb_extra)
                 loss_sum = _cross_entropy_sum(logits, mb_labels)
                 if self.engine is not None:
                     self.engine.set_gradient_accumulation_boundary(last)

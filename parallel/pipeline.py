@@ -69,14 +69,39 @@ def split_layers(names: list[str], n_stages: int) -> list[list[str]]:
     return out
 
 
-def stage_view(model: nn.Module, layer_names: list[str], first: bool, last: bool) -> nn.Module:
-    """The model with only `layer_names`, its embedding only if first, final norm + head only if last.
+def decoder_of(model: nn.Module) -> nn.Module:
+    """The module holding `embed_tokens`, `layers`, `final_norm`, `lm_head`: the model, or SharedLLM's decoder."""
+    return model.decoder if hasattr(model, "cross") and hasattr(model, "decoder") else model
 
-    Shares submodules and parameters with `model` (no copy of weights)."""
+
+def _shallow(model: nn.Module) -> nn.Module:
     stage = copy.copy(model)  # same class and forward
     for attr, value in list(vars(stage).items()):  # own submodule/parameter/hook dicts: FSDP hooks one view only
         if isinstance(value, dict):
             object.__setattr__(stage, attr, copy.copy(value))
+    return stage
+
+
+def stage_view(model: nn.Module, layer_names: list[str], first: bool, last: bool) -> nn.Module:
+    """The model with only `layer_names`, its embedding only if first, final norm + head only if last.
+
+    Shares submodules and parameters with `model` (no copy of weights). A SharedLLM keeps its compressor
+    (cross-attention, a copied lower tower) on the first stage only, which must then hold the lowest M layers:
+    the context is compressed and read there, and later stages see hidden states like any decoder's."""
+    if model is not decoder_of(model):
+        stage = _shallow(model)
+        stage.decoder = stage_view(model.decoder, layer_names, first, last)
+        if first:
+            missing = [name for name in model.cross if name not in layer_names]
+            if missing:
+                raise LayoutError(f"SharedLLM cross-attention layers {missing} fall outside the first pipeline stage "
+                                  f"(layers {layer_names}): lower parallel.pp or model.sharedllm_layers")
+        else:
+            stage.cross = nn.ModuleDict()
+            if getattr(model, "lower_layers", None) is not None:
+                stage.lower_embed, stage.lower_layers = None, nn.ModuleDict()
+        return stage
+    stage = _shallow(model)
     stage.layers = nn.ModuleDict({name: model.layers[name] for name in layer_names})
     if not first:
         stage.embed_tokens = None
@@ -106,7 +131,7 @@ class PipelineRunner:
         v = virtual_stages if self.schedule_name == "interleaved" else 1
         self.num_stages = self.pp_size * v
         self.stage_ids = [self.pp_rank + i * self.pp_size for i in range(v)]
-        chunks = split_layers(list(model.layers.keys()), self.num_stages)
+        chunks = split_layers(list(decoder_of(model).layers.keys()), self.num_stages)
         self.stage_modules = [stage_view(model, chunks[s], s == 0, s == self.num_stages - 1) for s in self.stage_ids]
         self.module = self.stage_modules[0] if v == 1 else nn.ModuleList(self.stage_modules)
         self.is_first, self.is_last = 0 in self.stage_ids, self.num_stages - 1 in self.stage_ids
@@ -182,18 +207,22 @@ class PipelineRunner:
                 self._schedules[key] = cls(stages[0], **kw)
         return self._schedules[key]
 
-    def step(self, input_ids, labels, position_offset: int = 0, num_tokens: int | None = None) -> torch.Tensor:
+    def step(self, input_ids, labels, position_offset: int = 0, num_tokens: int | None = None,
+             **model_kwargs) -> torch.Tensor:
         """Forward and backward of one batch; gradients accumulate into `self.module` (zero them yourself).
 
         input_ids, labels: (B, T) (used on the first / last stage); position_offset: global position of
         token 0 (the cp chunk start). num_tokens: the denominator of the mean (default: this batch's valid
-        labels). Returns the batch's mean loss, a 0-d fp32 tensor on every pp rank.
+        labels). model_kwargs: further forward arguments (SharedLLM's context_chunks (B, n, C), split into
+        micro-batches along dim 0 like the ids; ints passed as they are) given to every stage.
+        Returns the batch's mean loss, a 0-d fp32 tensor on every pp rank.
         """
         B, T = input_ids.shape
         schedule = self._schedule(B, T)
         self._num_tokens = int(num_tokens) if num_tokens is not None else int((labels != IGNORE_INDEX).sum())
         args = (input_ids.to(self.device),) if self.is_first else ()
-        kwargs = {"position_offset": position_offset}
+        kwargs = {"position_offset": position_offset,
+                  **{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in model_kwargs.items()}}
         losses: list[torch.Tensor] = []
         if self.is_last:
             schedule.step(*args, target=labels.to(self.device), losses=losses, return_outputs=False, **kwargs)

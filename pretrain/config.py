@@ -215,6 +215,22 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.heads ({cfg.model.heads}) not divisible by parallel.tp ({p.tp})")
     if cfg.model.layers % p.pp:
         raise ConfigError(f"model.layers ({cfg.model.layers}) not divisible by parallel.pp ({p.pp})")
+    if cfg.model.arch == "sharedllm":
+        from pretrain.data import check_sharedllm_data
+
+        try:
+            check_sharedllm_data(cfg)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if p.pp > 1 and cfg.model.sharedllm_layers > cfg.model.layers // p.pp:
+            raise ConfigError(f"model.sharedllm_layers ({cfg.model.sharedllm_layers}) must fit in the first pipeline "
+                              f"stage ({cfg.model.layers // p.pp} layers at parallel.pp={p.pp}): the compressor and "
+                              f"the cross-attention it feeds run on stage 0; lower parallel.pp or sharedllm_layers")
+        if p.tp > 1 and p.sequence_parallel:
+            raise ConfigError("parallel.sequence_parallel is not supported for model.arch=sharedllm (its cross-"
+                              "attention reads the unsharded sequence); set parallel.sequence_parallel=false")
+        if p.tp > 1 and cfg.model.sharedllm_lower != "shared":
+            raise ConfigError("tensor parallelism for model.arch=sharedllm needs model.sharedllm_lower=shared")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

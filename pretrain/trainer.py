@@ -19,7 +19,7 @@ from model import build_model
 from model.flops import count_params, flops_per_token
 from pretrain import checkpoint, test_hooks
 from pretrain.config import Config, to_dict
-from pretrain.data import build_train_loader, ensure_prepared
+from pretrain.data import build_train_loader, ensure_prepared, sharedllm_batch
 from pretrain.distributed import describe, full_state, load_full_state, setup_distributed
 from pretrain.metrics import MetricsLogger, device_peak, memory_bytes
 from pretrain.optim import build_optimizer, build_scheduler
@@ -33,21 +33,21 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def step_loss(model, batch: dict, grad_accum: int, autocast) -> tuple[torch.Tensor, int]:
-    """Forward+backward over `grad_accum` micro-batches; returns (mean loss over valid tokens, tokens)."""
+def step_loss(model, batch: dict, grad_accum: int, autocast) -> torch.Tensor:
+    """Forward+backward over `grad_accum` micro-batches; returns the mean loss over valid tokens."""
+    from parallel.parallelize import micro_batches, model_inputs
+
     ids, labels = batch["input_ids"], batch["labels"]
     offset = int(batch.get("position_offset", 0))
     n_valid = int((labels != -100).sum())
     total = torch.zeros((), dtype=torch.float32, device=ids.device)
-    for mb_ids, mb_labels in zip(ids.tensor_split(grad_accum), labels.tensor_split(grad_accum)):
-        if mb_ids.numel() == 0:
-            continue
+    for mb_ids, mb_labels, extra in micro_batches(ids, labels, model_inputs(batch), grad_accum):
         with autocast:
-            logits = model(mb_ids, position_offset=offset)
+            logits = model(mb_ids, position_offset=offset, **extra)
         loss_sum = F.cross_entropy(logits.float().flatten(0, 1), mb_labels.flatten(), ignore_index=-100, reduction="sum")
         (loss_sum / max(n_valid, 1)).backward()
         total += loss_sum.detach()
-    return total / max(n_valid, 1), ids.numel()
+    return total / max(n_valid, 1)
 
 
 class Trainer:
@@ -61,6 +61,7 @@ class Trainer:
         torch.manual_seed(tc.seed)
         # Distributed (WORLD_SIZE > 1): mesh, this rank's data shard, parallelized model, shared TrainStep.
         self.env = setup_distributed(cfg, self.device)
+        self.sharedllm = cfg.model.arch == "sharedllm"  # batches become context chunks + running text
         self.is_main = self.env is None or self.env.is_main
         if self.env is None:
             self.loader, self.tokenizer_vocab = build_train_loader(cfg)
@@ -69,7 +70,9 @@ class Trainer:
                 ensure_prepared(cfg)
             self.env.barrier()
             c, p = self.env.coords, cfg.parallel
-            self.loader, self.tokenizer_vocab = build_train_loader(cfg, c.dp, p.dp, c.cp, p.cp)
+            # SharedLLM: every cp rank reads the whole sequences and takes its share after the context split
+            cp_rank, cp_size = (0, 1) if self.sharedllm else (c.cp, p.cp)
+            self.loader, self.tokenizer_vocab = build_train_loader(cfg, c.dp, p.dp, cp_rank, cp_size)
         if self.tokenizer_vocab > cfg.model.vocab_size:
             raise ValueError(f"the tokenizer has {self.tokenizer_vocab} tokens but model.vocab_size is "
                              f"{cfg.model.vocab_size}: raise model.vocab_size or use a smaller tokenizer")
@@ -107,8 +110,8 @@ class Trainer:
 
             self.sharded = ShardedCheckpointer(self.run_dir, self.env, cfg.checkpoint.async_save,
                                                cfg.checkpoint.keep_last)
-        # ranks of one step hold dp x cp disjoint shares of the batch (tp and pp ranks hold the same tokens)
-        self.token_share = cfg.parallel.dp * cfg.parallel.cp if self.env is not None else 1
+        # the dp ranks of one step hold disjoint rows of the batch (cp, tp and pp ranks hold the same sequences)
+        self.dp_size = cfg.parallel.dp if self.env is not None else 1
         self.metrics = (MetricsLogger(self.run_dir, tensorboard=cfg.log.tensorboard, peak_flops=device_peak(self.device))
                         if self.is_main else None)
 
@@ -204,14 +207,19 @@ class Trainer:
         while self.step < last:
             test_hooks.maybe_crash(self.step + 1, self.env.rank if self.env is not None else 0)
             t0 = time.perf_counter()
-            batch = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in next(self.loader).items()}
+            batch = next(self.loader)
+            if self.sharedllm:
+                batch = sharedllm_batch(batch, cfg.model, self.env.coords.cp if self.env is not None else 0,
+                                        cfg.parallel.cp if self.env is not None else 1)
+            batch = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+            seq_len = int(batch["seq_len"])  # the whole sequence (SharedLLM: context + running text)
+            n_tokens = batch["input_ids"].shape[0] * seq_len * self.dp_size
             t_data = time.perf_counter()
             lr = self.scheduler.get_last_lr()[0]
             if self.train_step is not None:
                 loss = self.train_step.forward_backward(batch)
-                n_tokens = batch["input_ids"].numel() * self.token_share
             else:
-                loss, n_tokens = step_loss(self.model, batch, tc.grad_accum, self.autocast)
+                loss = step_loss(self.model, batch, tc.grad_accum, self.autocast)
             loss = test_hooks.maybe_poison(self.step + 1, loss, self.optimizer_parameters())
             # The loss is global (all ranks agree), so every rank takes the same branch. The single-process path
             # also checks the grad norm; the distributed one clips inside TrainStep and checks the loss only.
@@ -241,7 +249,6 @@ class Trainer:
             self.tokens_seen += n_tokens
             loss_value = float(loss)
             losses.append(loss_value)
-            seq_len = batch["input_ids"].shape[1] * (self.cfg.parallel.cp if self.env is not None else 1)
             t1 = time.perf_counter()
             window["tokens"] += n_tokens
             window["flops"] += n_tokens * flops_per_token(cfg.model, seq_len)

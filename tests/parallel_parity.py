@@ -1,7 +1,8 @@
 """Parity worker shared by the parallel tests: unsharded in this process vs sharded over the gloo ranks.
 
 Every rank builds the same tiny model from the same seed, computes the reference on the whole global batch
-unsharded, then the sharded run on its share of the batch (dp: rows, cp: a contiguous chunk of columns),
+unsharded, then the sharded run on its share of the batch (dp: rows, cp: a contiguous chunk of columns;
+SharedLLM: the context chunks split over cp and a contiguous chunk of the running text, as the trainer does),
 and asserts: logits and loss to 1e-5, the full gradient of every parameter to 1e-4, full state-dict values
 identical (layout-independent checkpoints), and the losses of `steps` optimizer steps to 1e-4.
 """
@@ -16,6 +17,10 @@ from pretrain.config import Config, ModelConfig
 from pretrain.optim import build_optimizer, build_scheduler
 
 B, T = 4, 32
+# a SharedLLM small enough for these tests: M=1 compressor layer, 2 context chunks of 16 tokens each
+# (depth-2 tree, 4 positions per node: 8->4, 2x4->2x4 = 12 positions) before the T-token running text
+SHAREDLLM = dict(arch="sharedllm", sharedllm_layers=1, sharedllm_chunk=16, sharedllm_depth=2,
+                 sharedllm_node_positions=4, sharedllm_context_chunks=2)
 
 
 def tiny_config(parallel: dict, grad_accum: int = 1, backend: str = "naive", **model_kw) -> Config:
@@ -29,23 +34,35 @@ def tiny_config(parallel: dict, grad_accum: int = 1, backend: str = "naive", **m
     return cfg
 
 
-def batch(step: int, vocab: int) -> dict:
+def batch(step: int, model_cfg) -> dict:
+    """The global batch of a step; a SharedLLM's is already split into context chunks + running text."""
+    from pretrain.data import sharedllm_batch
+
+    vocab, sharedllm = model_cfg.vocab_size, model_cfg.arch == "sharedllm"
+    context = model_cfg.sharedllm_context_chunks * model_cfg.sharedllm_chunk if sharedllm else 0
     g = torch.Generator().manual_seed(100 + step)
-    ids = torch.randint(0, vocab, (B, T), generator=g)
-    labels = torch.randint(0, vocab, (B, T), generator=g)
-    labels[0, :5] = -100  # uneven valid counts across dp/cp ranks: the loss must stay the global mean
+    ids = torch.randint(0, vocab, (B, context + T), generator=g)
+    labels = torch.randint(0, vocab, (B, context + T), generator=g)
+    labels[0, context:context + 5] = -100  # uneven valid counts across dp/cp ranks: the loss must stay the global mean
     labels[3, -2:] = -100
-    return {"input_ids": ids, "labels": labels}
+    full = {"input_ids": ids, "labels": labels}
+    return sharedllm_batch(full, model_cfg) if sharedllm else full
 
 
 def shard_batch(full: dict, c) -> dict:
-    """This rank's share: rows by dp rank, a contiguous column chunk by cp rank (position_offset its start)."""
+    """This rank's share: rows by dp rank, a contiguous column chunk by cp rank (position_offset its start);
+    a SharedLLM's context chunks split over cp too (chunk_offset their start)."""
     dp, cp = c["dp_size"], c["cp_size"]
     rows = slice(c["dp"] * B // dp, (c["dp"] + 1) * B // dp)
     tl = T // cp
     cols = slice(c["cp"] * tl, (c["cp"] + 1) * tl)
-    return {"input_ids": full["input_ids"][rows, cols], "labels": full["labels"][rows, cols],
-            "position_offset": c["cp"] * tl}
+    out = {"input_ids": full["input_ids"][rows, cols], "labels": full["labels"][rows, cols],
+           "position_offset": c["cp"] * tl}
+    if "context_chunks" in full:
+        per = full["context_chunks"].shape[1] // cp
+        out.update(context_chunks=full["context_chunks"][rows, c["cp"] * per:(c["cp"] + 1) * per],
+                   chunk_offset=c["cp"] * per, total_chunks=full["total_chunks"])
+    return out
 
 
 def _full(t):
@@ -56,7 +73,9 @@ def _full(t):
 
 def _unshared(name: str, reference: dict) -> str:
     """The last pipeline stage holds the tied table as `lm_head.weight`; the unsharded model as the embedding."""
-    return "embed_tokens.weight" if name == "lm_head.weight" and name not in reference else name
+    if name.endswith("lm_head.weight") and name not in reference:
+        return name[:-len("lm_head.weight")] + "embed_tokens.weight"
+    return name
 
 
 def _grads(model, engine=None) -> dict:
@@ -79,8 +98,10 @@ def reference(cfg: Config, steps: int):
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model)
     init = copy.deepcopy(model.state_dict())
-    b0 = batch(0, cfg.model.vocab_size)
-    logits = model(b0["input_ids"])
+    from parallel.parallelize import model_inputs
+
+    b0 = batch(0, cfg.model)
+    logits = model(b0["input_ids"], **model_inputs(b0))
     loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), b0["labels"].flatten(), ignore_index=-100)
     loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
@@ -89,14 +110,14 @@ def reference(cfg: Config, steps: int):
     single = copy.deepcopy(cfg)
     single.parallel.dp = single.parallel.cp = single.parallel.tp = single.parallel.pp = 1
     step = TrainStep(model, opt, build_scheduler(opt, cfg.train), single, mesh=None)
-    losses = [step(batch(s, cfg.model.vocab_size))[0] for s in range(steps)]
-    return {"logits": logits.detach(), "loss": float(loss), "grads": grads, "state": init, "losses": losses}
+    losses = [step(batch(s, cfg.model))[0] for s in range(steps)]
+    return {"logits": logits.detach(), "loss": float(loss.detach()), "grads": grads, "state": init, "losses": losses}
 
 
 def parity_worker(rank: int, world: int, parallel: dict, steps: int = 10, grad_accum: int = 1,
                   backend: str = "naive", model_kw: dict | None = None) -> dict:
     from parallel.mesh import build_mesh, coords
-    from parallel.parallelize import TrainStep, parallelize, trainable_module
+    from parallel.parallelize import TrainStep, model_inputs, parallelize, trainable_module
 
     torch.set_num_threads(1)
     cfg = tiny_config(parallel, grad_accum, backend, **(model_kw or {}))
@@ -115,12 +136,13 @@ def parity_worker(rank: int, world: int, parallel: dict, steps: int = 10, grad_a
     step = TrainStep(parallelized, opt, build_scheduler(opt, cfg.train), cfg, mesh)
 
     # logits of this rank's share vs the same rows/columns of the unsharded logits
-    b0 = shard_batch(batch(0, cfg.model.vocab_size), cd)
+    b0 = shard_batch(batch(0, cfg.model), cd)
     rows = slice(c.dp * B // cfg.parallel.dp, (c.dp + 1) * B // cfg.parallel.dp)
     cols = slice(b0["position_offset"], b0["position_offset"] + b0["input_ids"].shape[1])
     if cfg.parallel.pp == 1:  # (a pipeline's logits stay inside its schedule; its loss is checked below)
         with torch.no_grad():
-            logits = _full((step.engine or model)(b0["input_ids"], position_offset=b0["position_offset"]))
+            logits = _full((step.engine or model)(b0["input_ids"], position_offset=b0["position_offset"],
+                                                  **model_inputs(b0)))
         torch.testing.assert_close(logits, ref["logits"][rows, cols], rtol=1e-5, atol=1e-5, msg="logits")
 
     loss = step.forward_backward(b0)
@@ -133,7 +155,7 @@ def parity_worker(rank: int, world: int, parallel: dict, steps: int = 10, grad_a
         torch.testing.assert_close(g, ref["grads"][name], rtol=1e-4, atol=1e-4, msg=f"grad {name}")
         worst = max(worst, float((g - ref["grads"][name]).abs().max()))
     step.optimizer_step()  # batch 0 trained: the steps below go on from the same point as the reference's
-    losses = [loss] + [step(shard_batch(batch(s, cfg.model.vocab_size), cd))[0] for s in range(1, steps)]
+    losses = [loss] + [step(shard_batch(batch(s, cfg.model), cd))[0] for s in range(1, steps)]
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref["losses"]), rtol=1e-4, atol=1e-4,
                                msg="losses over steps")
     return {"grad_err": worst, "losses": losses}

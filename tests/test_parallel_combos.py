@@ -4,7 +4,7 @@ pp x tp and pp x dp; the 1024-rank dry-run mesh; the trainer's torchrun path aga
 import pytest
 
 from parallel.harness import run_distributed
-from parallel_parity import parity_worker, trainer_args
+from parallel_parity import SHAREDLLM, parity_worker, trainer_args
 
 pytestmark = pytest.mark.distributed
 
@@ -32,6 +32,26 @@ def _hybrid_worker(rank, world, parallel):
 def test_hybrid_cp2_through_parallelize_matches_unsharded(impl):
     """parallelize() installs LASP on lightning layers and distributed MHA on softmax layers in one model."""
     results = run_distributed(_hybrid_worker, world_size=2, args=({"cp": 2, "attn_cp_impl": impl},), timeout_s=180)
+    assert results[0]["losses"] == pytest.approx(results[1]["losses"], abs=1e-6)
+
+
+def _model_worker(rank, world, parallel, model_kw):
+    return parity_worker(rank, world, parallel, steps=3, model_kw=model_kw)
+
+
+HYBRID = {"attention_pattern": "LS"}
+PP2 = {"pp": 2, "microbatches": 2}
+
+
+@pytest.mark.parametrize("parallel,model_kw", [
+    ({"tp": 2}, HYBRID), (PP2, HYBRID),  # hybrid cp=2: test_hybrid_cp2_through_parallelize_matches_unsharded
+    ({"tp": 2}, SHAREDLLM), ({"cp": 2}, SHAREDLLM), (PP2, SHAREDLLM),
+], ids=["hybrid-tp2", "hybrid-pp2", "sharedllm-tp2", "sharedllm-cp2", "sharedllm-pp2"])
+def test_hybrid_and_sharedllm_match_unsharded(parallel, model_kw):
+    """Hybrid TNL and SharedLLM-TNL through parallelize + TrainStep: logits, loss, every gradient, 3 steps.
+    SharedLLM: cross-attention by heads under tp; chunks spread over cp with ring cross-attention (inside
+    FSDP2 over cp); its compressor on pipeline stage 0."""
+    results = run_distributed(_model_worker, world_size=2, args=(parallel, model_kw), timeout_s=180)
     assert results[0]["losses"] == pytest.approx(results[1]["losses"], abs=1e-6)
 
 

@@ -119,9 +119,9 @@ def test_forward_starts_as_the_decoder_and_trains():
     assert isinstance(model, SharedLLM)
     chunks, ids = torch.randint(0, 64, (2, 3, 16)), torch.randint(0, 64, (2, 8))
     # o_proj starts at zero: an untrained compressor leaves the decoder's logits unchanged
-    torch.testing.assert_close(model(chunks, ids), model.decoder(ids))
+    torch.testing.assert_close(model(ids, context_chunks=chunks), model.decoder(ids))
     _randomize_cross(model)
-    logits = model(chunks, ids)
+    logits = model(ids, context_chunks=chunks)
     assert logits.shape == (2, 8, 64)
     assert not torch.allclose(logits, model.decoder(ids))
     mem, pos = model.memory(chunks)
@@ -144,8 +144,8 @@ def test_query_select_needs_query():
     model = SharedLLM(tiny_cfg(sharedllm_select="query"))
     chunks, ids = torch.randint(0, 64, (1, 2, 16)), torch.randint(0, 64, (1, 4))
     with pytest.raises(ValueError, match="needs query_ids"):
-        model(chunks, ids)
-    assert model(chunks, ids, query_ids=torch.randint(0, 64, (1, 5))).shape == (1, 4, 64)
+        model(ids, context_chunks=chunks)
+    assert model(ids, context_chunks=chunks, query_ids=torch.randint(0, 64, (1, 5))).shape == (1, 4, 64)
 
 
 @pytest.mark.parametrize("lower", ["shared", "copy"])
@@ -155,7 +155,7 @@ def test_trainable_set(lower):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {f"cross.{j}.{p}_proj.weight" for j in range(2) for p in "qo"}
     chunks, ids = torch.randint(0, 64, (1, 2, 16)), torch.randint(0, 64, (1, 4))
-    model(chunks, ids).sum().backward()
+    model(ids, context_chunks=chunks).sum().backward()
     assert all((p.grad is not None) == p.requires_grad for p in model.parameters())
     everything = SharedLLM(tiny_cfg(sharedllm_trainable="all", sharedllm_lower=lower))
     assert all(p.requires_grad for p in everything.parameters())
@@ -172,15 +172,15 @@ def _cp_parity(rank, world, impl, B=2, n=4, T=8):
     chunks = torch.randint(0, 64, (B, n, 16), generator=g)
     ids, labels = torch.randint(0, 64, (B, T), generator=g), torch.randint(0, 64, (B, T), generator=g)
 
-    logits_ref = model(chunks, ids)
+    logits_ref = model(ids, context_chunks=chunks)
     loss_ref = F.cross_entropy(logits_ref.flatten(0, 1), labels.flatten())
     loss_ref.backward()
 
     C = T // world
     sl = slice(rank * C, (rank + 1) * C)
     local_chunks, chunk_offset = sharedllm_cp_shard(chunks, rank, world)
-    logits = sharded(local_chunks, ids[:, sl], position_offset=cp_position_offset(rank, C), chunk_offset=chunk_offset,
-                     total_chunks=n)
+    logits = sharded(ids[:, sl], context_chunks=local_chunks, position_offset=cp_position_offset(rank, C),
+                     chunk_offset=chunk_offset, total_chunks=n)
     return check_cp_share(model, sharded, logits, logits_ref, loss_ref, labels, sl, impl)
 
 
@@ -207,9 +207,9 @@ def _tp_parity(rank, world):
     g = torch.Generator().manual_seed(5)
     chunks = torch.randint(0, 64, (2, 3, 16), generator=g)
     ids, labels = torch.randint(0, 64, (2, 8), generator=g), torch.randint(0, 64, (2, 8), generator=g)
-    logits_ref = model(chunks, ids)
+    logits_ref = model(ids, context_chunks=chunks)
     F.cross_entropy(logits_ref.flatten(0, 1), labels.flatten()).backward()
-    logits = sharded(chunks, ids)
+    logits = sharded(ids, context_chunks=chunks)
     F.cross_entropy(logits.flatten(0, 1), labels.flatten()).backward()
     torch.testing.assert_close(logits, logits_ref, atol=1e-5, rtol=1e-5)
     ref = dict(model.named_parameters())
