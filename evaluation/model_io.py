@@ -26,20 +26,47 @@ IGNORE = -100
 
 
 class ModelRunner:
-    """Our model (TNL or the softmax baseline) behind the evaluation interface. Inference only."""
+    """Our model (TNL, a hybrid, SharedLLM or the softmax baseline) behind the evaluation interface.
 
-    def __init__(self, model: torch.nn.Module, chunk_size: int = 2048, device: str | torch.device = "cpu"):
+    SharedLLM reads a long input the way it trained: every whole chunk before the last `text_len` or more
+    tokens (its training running text) becomes compressed context, the rest is running text that the decoder
+    reads with cross-attention to that memory. Shorter inputs have no context (the plain decoder). Logits of
+    context tokens (there is no prediction of them in SharedLLM) come from the decoder alone, so perplexity
+    windows cover every position; score windows whose scored tail lies in the running text.
+    """
+
+    def __init__(self, model: torch.nn.Module, chunk_size: int = 2048, device: str | torch.device = "cpu",
+                 text_len: int | None = None):
         self.model = model.eval()
         self.cfg: ModelConfig = model.cfg
         self.vocab_size = self.cfg.vocab_size
         self.chunk_size = int(chunk_size)
         self.device = torch.device(device)
+        self.sharedllm = self.cfg.arch == "sharedllm"
+        self.text_len = int(text_len) if text_len else 2 * self.cfg.sharedllm_chunk
         # hybrids with softmax ('S') layers keep no state between chunks: they run whole inputs, like the baseline
         self.recurrent = self.cfg.arch == "tnl" and "S" not in getattr(self.cfg, "attention_pattern", "L")
+
+    def context_tokens(self, length: int) -> int:
+        """SharedLLM: how many leading tokens of a `length`-token input are compressed context (whole chunks)."""
+        c = self.cfg.sharedllm_chunk
+        return max(0, (length - self.text_len) // c) * c if self.sharedllm else 0
+
+    def _sharedllm_memory(self, ids):
+        ctx = self.context_tokens(ids.shape[1])
+        if not ctx:
+            return 0, None
+        return ctx, self.model.memory(ids[:, :ctx].reshape(ids.shape[0], -1, self.cfg.sharedllm_chunk))
 
     @torch.no_grad()
     def logits_chunks(self, ids: torch.Tensor):
         ids = ids.to(self.device)
+        if self.sharedllm:
+            ctx, memory = self._sharedllm_memory(ids)
+            if ctx:
+                yield 0, self.model.decoder(ids[:, :ctx]).float()
+            yield ctx, self.model(ids[:, ctx:], memory=memory).float()
+            return
         if not self.recurrent:
             yield 0, self.model(ids).float()
             return
@@ -54,8 +81,12 @@ class ModelRunner:
         """Greedy decoding; rows that emitted eos_id are padded with it (and decoding stops when all have)."""
         ids = ids.to(self.device)
         states, position, seq = None, 0, ids
+        memory = None
+        if self.sharedllm:  # the context is compressed once; the running text is re-run every step
+            ctx, memory = self._sharedllm_memory(ids)
+            seq = ids[:, ctx:]
         if not self.recurrent:  # no cache: every step re-runs the whole sequence
-            last = self.model(ids)[:, -1]
+            last = self.model(seq, memory=memory)[:, -1] if self.sharedllm else self.model(ids)[:, -1]
         for start in range(0, ids.shape[1] if self.recurrent else 0, self.chunk_size):
             # prefill in chunks: only the last logits are kept
             logits, states = self.model(ids[:, start:start + self.chunk_size], position_offset=start,
@@ -78,7 +109,7 @@ class ModelRunner:
                 position += 1
             else:
                 seq = torch.cat([seq, nxt[:, None]], dim=1)
-                logits = self.model(seq)
+                logits = self.model(seq, memory=memory) if self.sharedllm else self.model(seq)
             last = logits[:, -1]
         return torch.stack(out, dim=1).cpu() if out else ids.new_zeros((ids.shape[0], 0)).cpu()
 
@@ -161,5 +192,8 @@ def load_for_eval(path, device: str = "cpu", chunk_size: int = 2048, tokenizer: 
         model = build_model(cfg)
     model.load_state_dict(state)
     tok_obj = load_tokenizer(tokenizer or tok) if (tokenizer or tok) else None
-    return Loaded(ModelRunner(model, chunk_size, device), tok_obj, train_len,
+    text_len = None
+    if cfg.arch == "sharedllm":  # its training running text: the sequence after the context chunks
+        text_len = max(1, train_len - cfg.sharedllm_context_chunks * cfg.sharedllm_chunk)
+    return Loaded(ModelRunner(model, chunk_size, device, text_len), tok_obj, train_len,
                   prepared if prepared is not None and prepared.is_dir() else None, source, mqar)

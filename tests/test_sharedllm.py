@@ -222,3 +222,62 @@ def _tp_parity(rank, world):
 def test_sharedllm_tp2_parity():
     """tp=2: TNL plan on the decoder (and so the shared lower tower), cross-attention sharded by heads."""
     assert run_distributed(_tp_parity, 2, timeout_s=90) == [True, True]
+
+
+def test_eval_runner_reads_context_like_training():
+    """evaluation's ModelRunner: whole chunks before the last text_len+ tokens are context; logits of the
+    running text and greedy decoding equal the model's own forward on (text, context_chunks)."""
+    from evaluation.model_io import ModelRunner
+
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg())
+    _randomize_cross(model)
+    runner = ModelRunner(model, text_len=8)
+    ids = torch.randint(0, 64, (2, 2 * 16 + 11))  # 43 tokens -> 2 chunks of context + 11 of text
+    assert runner.context_tokens(43) == 32 and runner.context_tokens(23) == 0
+    chunks = list(runner.logits_chunks(ids))
+    assert [s for s, _ in chunks] == [0, 32] and sum(x.shape[1] for _, x in chunks) == 43
+    context = ids[:, :32].reshape(2, 2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(chunks[0][1], model.decoder(ids[:, :32]))
+        torch.testing.assert_close(chunks[1][1], model(ids[:, 32:], context_chunks=context))
+        seq = ids[:, 32:]
+        for _ in range(3):
+            seq = torch.cat([seq, model(seq, context_chunks=context)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(runner.generate(ids, 3), seq[:, -3:])
+    short = ids[:, :20]  # shorter than text_len + a chunk: no context, the plain decoder
+    with torch.no_grad():
+        assert [s for s, _ in runner.logits_chunks(short)] == [0]
+        torch.testing.assert_close(next(runner.logits_chunks(short))[1], model.decoder(short))
+
+
+def test_sharedllm_layouts_and_lengths_refused_clearly():
+    from pretrain.config import ConfigError, load_config
+
+    base = ["--model.arch=sharedllm", "--model.layers=4", "--model.sharedllm_layers=2", "--model.sharedllm_chunk=64",
+            "--model.sharedllm_depth=1", "--model.sharedllm_node_positions=8", "--model.sharedllm_context_chunks=2",
+            "--data.loader=concat", "--data.seq_len=256", "--data.tokens_per_step=1024"]
+    load_config(None, base)
+    with pytest.raises(ConfigError, match=r"data.seq_len \(128\) leaves no running text .* raise data.seq_len above 128"):
+        load_config(None, base + ["--data.seq_len=128"])
+    with pytest.raises(ConfigError, match=r"sharedllm_context_chunks \(2\) not divisible by parallel.cp \(4\)"):
+        load_config(None, base + ["--parallel.cp=4"])
+    with pytest.raises(ConfigError, match=r"sharedllm_layers \(2\) must fit in the first pipeline stage \(1 layers"):
+        load_config(None, base + ["--parallel.pp=4"])
+    with pytest.raises(ConfigError, match="sequence_parallel is not supported"):
+        load_config(None, base + ["--parallel.tp=2", "--parallel.sequence_parallel=true"])
+
+
+def test_sharedllm_batch_shares_context_and_text_over_cp():
+    from types import SimpleNamespace
+
+    from pretrain.data import sharedllm_batch
+
+    cfg = SimpleNamespace(sharedllm_context_chunks=2, sharedllm_chunk=4)
+    ids = torch.arange(2 * 16).view(2, 16)
+    full = {"input_ids": ids, "labels": ids + 1, "seq_len": 16, "position_offset": 0}
+    parts = [sharedllm_batch(full, cfg, r, 2) for r in range(2)]
+    assert parts[1]["context_chunks"].tolist() == [[[4, 5, 6, 7]], [[20, 21, 22, 23]]]
+    assert parts[0]["input_ids"][0].tolist() == [8, 9, 10, 11] and parts[1]["labels"][0].tolist() == [13, 14, 15, 16]
+    assert [p["position_offset"] for p in parts] == [0, 4] and [p["chunk_offset"] for p in parts] == [0, 1]
+    assert parts[0]["total_chunks"] == 2 and parts[0]["seq_len"] == 16
