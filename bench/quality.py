@@ -1,16 +1,22 @@
 """Quality at tiny scale, side by side in one run: what the long-context choices buy, measured here.
 
-    python -m bench.quality [--steps 150] [--mqar-steps 800] [--prepared DIR] [--skip-lm] [--out runs/bench-quality] [--skip-train]
+    python -m bench.quality [--parts lm,sharedllm,mqar] [--steps 150] [--mqar-steps 800] [--prepared DIR]
+                            [--out runs/bench-quality] [--skip-train]
 
 1. Dataset decomposition vs concat-and-chunk at equal tokens: two TNLs of configs/tiny.yaml trained for the same
    steps x tokens_per_step on the embedded corpus (data/stdlib-2k; `lightspan prepare --config configs/tiny.yaml`
    makes it), one on the DD loader (grow_p2, buckets 2^6..2^9), one on the concat loader (fixed 512-token
    windows). Then perplexity vs context length on held-out documents (the last ones of the prepared folder) and
    passkey retrieval, both through `evaluation`. Ratio: DD ppl / concat ppl per length.
-2. MQAR (Zoology): tiny models of the same width trained on the MQAR recipe for the same steps each, then
+2. SharedLLM-TNL vs plain TNL on passkey beyond the training length: a SharedLLM of the same width and depth
+   (M=2 compressor layers, 128-token chunks, depth-2 tree of 8 positions per node) trained for the same steps x
+   tokens on the same 512-token concat windows (2 x 128 context tokens + 256 tokens of running text each), vs the
+   TNL + concat run of part 1; passkey exact match at 1x, 4x and 16x the training length, plus the keys' mean
+   NLL per token (a graded signal where exact match is 0).
+3. MQAR (Zoology): tiny models of the same width trained on the MQAR recipe for the same steps each, then
    query accuracy on fresh examples: plain TNL, the softmax baseline, a hybrid TNL (lightning + softmax layers)
-   when `model.attention_pattern` exists, SharedLLM reported "not available" (its forward takes context chunks;
-   MQAR has no chunked form here yet).
+   when `model.attention_pattern` exists; SharedLLM is not in this part (MQAR's 32-token examples have no
+   context to compress: SharedLLM on them is its decoder, a plain TNL).
 Prints the tables and writes results.json plus a perplexity plot into --out.
 """
 from __future__ import annotations
@@ -24,22 +30,37 @@ import time
 from pathlib import Path
 
 
+SHAREDLLM = ["--model.arch=sharedllm", "--model.sharedllm_layers=2", "--model.sharedllm_chunk=128",
+             "--model.sharedllm_depth=2", "--model.sharedllm_node_positions=8", "--model.sharedllm_context_chunks=2"]
+
+
 def _train_lm(loader: str, steps: int, out_root: Path, config: str, threads: int,
-              prepared: str | None) -> tuple[Path, list, float]:
+              prepared: str | None, name: str | None = None, extra: tuple = ()) -> tuple[Path, list, float]:
     from pretrain.config import load_config
     from pretrain.trainer import Trainer
 
-    overrides = [f"--data.loader={loader}", f"--train.steps={steps}", f"--train.out_dir={out_root / loader}",
+    name = name or loader
+    overrides = [f"--data.loader={loader}", f"--train.steps={steps}", f"--train.out_dir={out_root / name}",
                  f"--train.warmup_steps={max(1, steps // 10)}", "--checkpoint.every=0", "--checkpoint.resume=none",
                  "--log.tensorboard=false", f"--log.every={max(1, steps // 5)}", f"--train.threads={threads}"]
     if loader == "concat":
         overrides.append("--data.seq_len=512")
     if prepared:
         overrides.append(f"--data.prepared_dir={prepared}")
-    cfg = load_config(config, overrides)
+    cfg = load_config(config, [*overrides, *extra])
     t0 = time.perf_counter()
     losses = Trainer(cfg).train()
-    return out_root / loader, losses, time.perf_counter() - t0
+    return out_root / name, losses, time.perf_counter() - t0
+
+
+def _passkey_beyond(run_dir: Path, lengths: list, trials: int) -> dict:
+    from evaluation import passkey
+    from evaluation.model_io import load_for_eval
+
+    loaded = load_for_eval(run_dir)
+    r = passkey.evaluate(loaded.runner, loaded.tokenizer, lengths, [0.0, 0.5, 1.0], trials=trials, seed=0,
+                         with_nll=True)
+    return {k: r[k] for k in ("lengths", "depths", "accuracy", "overall", "answer_nll")}
 
 
 def _eval_lm(run_dir: Path, ppl_tokens: int, lengths: list, progress: bool) -> dict:
@@ -68,7 +89,6 @@ def _mqar_rows(steps: int, seconds: float, threads: int) -> list[dict]:
         variants.append(("hybrid TNL (LS)", "tnl", {"attention_pattern": "LS"}))
     else:
         variants.append(("hybrid TNL", None, "model.attention_pattern not available"))
-    variants.append(("SharedLLM-TNL", None, "not available: its forward takes context chunks; no MQAR form yet"))
     rows = []
     for name, arch, extra in variants:
         if arch is None:
@@ -90,6 +110,30 @@ def _mqar_rows(steps: int, seconds: float, threads: int) -> list[dict]:
     return rows, dataclasses.asdict(spec)
 
 
+def _sharedllm_part(args, out: Path) -> dict:
+    """Part 2: SharedLLM-TNL vs the TNL + concat run (trained here unless part 1 or --skip-train left it)."""
+    rows = {}
+    for name, extra in (("concat", ()), ("sharedllm", tuple(SHAREDLLM))):
+        run_dir = out / name
+        if args.skip_train or (name == "concat" and (run_dir / "checkpoints").is_dir()):
+            losses, secs = [], 0.0
+        else:
+            run_dir, losses, secs = _train_lm("concat", args.steps, out, args.config, args.threads, args.prepared,
+                                              name, ("--data.seq_len=512", *extra))
+        lengths = [512, 2048, 8192]  # 1x, 4x, 16x the 512-token training windows
+        rows[name] = {"train_seconds": round(secs, 1), "final_loss": losses[-1] if losses else None,
+                      "passkey": _passkey_beyond(run_dir, lengths, args.passkey_trials)}
+    print("\n| model | final train loss | passkey 512 / 2048 / 8192 | key NLL per token 512 / 2048 / 8192 |")
+    print("|---|---|---|---|")
+    for name, label in (("concat", "TNL (concat, 512)"), ("sharedllm", "SharedLLM-TNL (2x128 context + 256 text)")):
+        r = rows[name]
+        acc = " / ".join(f"{sum(row) / len(row):.2f}" for row in r["passkey"]["accuracy"])
+        nll = " / ".join(f"{v:.2f}" for v in r["passkey"]["answer_nll"].values())
+        loss = f"{r['final_loss']:.3f}" if r["final_loss"] is not None else "-"
+        print(f"| {label} | {loss} | {acc} | {nll} |")
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="configs/tiny.yaml")
@@ -103,7 +147,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/bench-quality")
     p.add_argument("--prepared", default=None, help="prepared corpus folder (default: the config's)")
     p.add_argument("--skip-train", action="store_true", help="evaluate the LM runs already in --out")
-    p.add_argument("--skip-lm", action="store_true", help="only the MQAR part")
+    p.add_argument("--parts", default="lm,sharedllm,mqar", help="which parts to run (comma-separated)")
+    p.add_argument("--passkey-trials", type=int, default=2, help="keys per (length, depth) in part 2")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -111,7 +156,11 @@ def main(argv=None) -> int:
     results = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                            "load_avg_start": os.getloadavg()}, "args": vars(args)}
 
-    if not args.skip_lm:
+    parts = set(args.parts.split(","))
+    unknown = parts - {"lm", "sharedllm", "mqar"}
+    if unknown:
+        p.error(f"--parts: unknown {sorted(unknown)}; choose among lm, sharedllm, mqar")
+    if "lm" in parts:
         lengths = [int(x) for x in args.lengths.split(",")]
         lm = {}
         for loader in ("dd", "concat"):
@@ -136,16 +185,19 @@ def main(argv=None) -> int:
         plot_perplexity({"TNL + DD (grow_p2)": lm["dd"]["curve"], "TNL + concat": lm["concat"]["curve"]},
                         out / "perplexity.png", 512, "held-out perplexity, equal training tokens")
 
-    rows, spec = _mqar_rows(args.mqar_steps, args.mqar_seconds, args.threads)
-    results["mqar"] = {"spec": spec, "rows": rows}
-    print("\n| MQAR model | steps | train s | final loss | accuracy | chance |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        if "note" in r:
-            print(f"| {r['model']} | - | - | - | {r['note']} | - |")
-        else:
-            print(f"| {r['model']} | {r['steps']} | {r['seconds']} | {r['final_loss']} | {r['accuracy']:.3f} | "
-                  f"{r['chance']:.3f} |")
+    if "sharedllm" in parts:
+        results["sharedllm"] = _sharedllm_part(args, out)
+    if "mqar" in parts:
+        rows, spec = _mqar_rows(args.mqar_steps, args.mqar_seconds, args.threads)
+        results["mqar"] = {"spec": spec, "rows": rows}
+        print("\n| MQAR model | steps | train s | final loss | accuracy | chance |")
+        print("|---|---|---|---|---|---|")
+        for r in rows:
+            if "note" in r:
+                print(f"| {r['model']} | - | - | - | {r['note']} | - |")
+            else:
+                print(f"| {r['model']} | {r['steps']} | {r['seconds']} | {r['final_loss']} | {r['accuracy']:.3f} | "
+                      f"{r['chance']:.3f} |")
     results["machine"]["load_avg_end"] = os.getloadavg()
     results["seconds"] = round(time.perf_counter() - t_start, 1)
     (out / "results.json").write_text(json.dumps(results, indent=2))

@@ -46,10 +46,30 @@ def score(example: Example, generated: str) -> bool:
     return found is not None and found.group(0) == example.answer
 
 
+def answer_nll(model, examples: list[Example]) -> dict:
+    """Teacher-forced negative log-likelihood of each key's tokens after its prompt, mean per answer token by
+    length: a graded signal where exact match is still 0 (small models), lower = closer to retrieving it."""
+    import torch
+
+    from .model_io import IGNORE, token_nll
+
+    by_len: dict[int, list[float]] = {}
+    for ex in examples:
+        full = ex.ids + ex.answer_ids
+        targets = [IGNORE] * (len(ex.ids) - 1) + ex.answer_ids
+        nll, _ = token_nll(model, torch.tensor([full[:-1]]), torch.tensor([targets]))
+        by_len.setdefault(ex.length, []).append(float(nll.sum()) / len(ex.answer_ids))
+    return {str(length): sum(v) / len(v) for length, v in sorted(by_len.items())}
+
+
 def evaluate(model, tok, lengths, depths=None, trials: int = 1, seed: int = 0, progress: bool = False,
-             tokens_per_batch: int = 32768) -> dict:
+             tokens_per_batch: int = 32768, with_nll: bool = False) -> dict:
+    """Exact-match grid; with_nll adds `answer_nll` ({length: mean NLL per key token}, one more prefill each)."""
     examples = make_examples(tok, lengths, depths, trials, seed)
     records = run_grid(model, examples, score, eos_id=tok.eos_id, tokens_per_batch=tokens_per_batch,
                        decode=tok.decode, progress=progress, desc="passkey")
-    return {"task": "passkey", "seed": seed, "trials": trials, "chance": CHANCE, **accuracy_grid(records),
-            "too_short": sorted(set(lengths) - {e.length for e in examples}), "records": records}
+    out = {"task": "passkey", "seed": seed, "trials": trials, "chance": CHANCE, **accuracy_grid(records),
+           "too_short": sorted(set(lengths) - {e.length for e in examples}), "records": records}
+    if with_nll:
+        out["answer_nll"] = answer_nll(model, examples)
+    return out

@@ -89,3 +89,26 @@ def test_mqar_oracle_100_random_chance():
     res = mqar.evaluate(RandomModel(64, range(32, 64), seed=0), spec, 128, seed=12345, batch_size=32)
     chance, n = res["chance"], res["queries"]
     assert abs(res["accuracy"] - chance) < 4 * math.sqrt(chance * (1 - chance) / n)
+
+
+def test_passkey_answer_nll_is_zero_for_an_oracle_and_log11_for_a_uniform_guesser():
+    """answer_nll: teacher-forced NLL per key token; an oracle that puts its mass on the key scores ~0, a
+    uniform guesser among the 11 tokens a key is made of (space + 10 digits) log(11)."""
+    examples = passkey.make_examples(TOK, LENGTHS, DEPTHS, trials=2, seed=0)
+    answers = {}
+    for ex in examples:
+        full = ex.ids + ex.answer_ids
+        answers[tuple(full[:-1])] = [-100] * (len(ex.ids) - 1) + ex.answer_ids
+    nll = passkey.answer_nll(OracleModel(TOK.vocab_size, answers), examples)
+    assert sorted(nll) == [str(n) for n in sorted(LENGTHS)] and max(nll.values()) < 1e-6
+
+    class UniformDigits:
+        vocab_size = TOK.vocab_size
+
+        def logits_chunks(self, ids):
+            out = torch.full((*ids.shape, self.vocab_size), -1e4)
+            out[..., TOK.encode(" 0123456789")] = 0.0
+            yield 0, out
+
+    flat = passkey.answer_nll(UniformDigits(), examples)
+    assert all(abs(v - math.log(11)) < 1e-9 for v in flat.values()), flat
