@@ -1,10 +1,12 @@
 """An lm-eval `LM` for our models, registered as "lightspan".
 
-    python -m evaluation.lm_eval_adapter --model lightspan --model_args path=runs/tiny --tasks TASK ...
+    lightspan-lm-eval --model lightspan --model_args path=runs/tiny --tasks TASK ...
+    # the same: python -m evaluation.lm_eval_adapter ...
     # or, in Python: import evaluation.lm_eval_adapter, then lm_eval.simple_evaluate(model="lightspan", ...)
 
-lm-eval finds models only through its registry, filled by imports, so the `lm_eval` command itself does not
-see this one: `python -m evaluation.lm_eval_adapter` is that command with "lightspan" registered first.
+lm-eval finds models only through its registry, filled by imports (it has no plugin entry points), so the
+plain `lm_eval` command does not see this one: `lightspan-lm-eval` (installed with the project) is that very
+command with "lightspan" registered first.
 lm-eval is imported when this module is; the rest of `evaluation` never imports this module.
 
 Scoring, in our tokens (sentencepiece, no BOS; an empty context is replaced by EOS, lm-eval's convention):
@@ -41,7 +43,12 @@ class LightspanLM(_Base):
 
             if path is None:
                 raise ValueError("lightspan: pass model_args path=RUN_OR_CHECKPOINT_OR_HF_FOLDER")
-            loaded = load_for_eval(path, device=str(device or "cpu"), chunk_size=int(chunk_size),
+            device = str(device or "cpu")
+            if device.startswith("cuda") and not torch.cuda.is_available():
+                # lm-eval's CLI passes device=cuda unless told otherwise: on a CPU-only machine, run on the CPU
+                print(f"[lightspan] device {device!r} requested but no CUDA device is visible: using cpu", flush=True)
+                device = "cpu"
+            loaded = load_for_eval(path, device=device, chunk_size=int(chunk_size),
                                    tokenizer=tokenizer if isinstance(tokenizer, str) else None)
             runner, max_length = loaded.runner, max_length or loaded.train_len
             tokenizer = loaded.tokenizer if not hasattr(tokenizer, "encode") else tokenizer
@@ -112,9 +119,14 @@ if register_model is not None:
     register_model("lightspan")(LightspanLM)
 
 
-if __name__ == "__main__":
+def main() -> None:
+    """`lightspan-lm-eval`: lm-eval's own command line with "lightspan" registered."""
     if register_model is None:
         raise SystemExit("lm-eval is not installed: pip install lm-eval (or the project's `eval` extra)")
     from lm_eval.__main__ import cli_evaluate
 
     cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()

@@ -356,6 +356,11 @@ def export_hf(ckpt, out, tokenizer=None, max_shard_size="5GB", dtype: str | None
     """Write the HF folder `out` for a lightspan checkpoint (see the module docstring)."""
     ckpt_dir = resolve_checkpoint(ckpt)
     cfg, state = load_model_weights(ckpt_dir)
+    if cfg.arch == "sharedllm" or (cfg.arch == "tnl" and "S" in cfg.attention_pattern):
+        kind = "SharedLLM" if cfg.arch == "sharedllm" else f"hybrid (attention_pattern {cfg.attention_pattern!r})"
+        raise ValueError(f"checkpoint {ckpt_dir} holds a {kind} model: the Hugging Face export covers plain TNL "
+                         f"and Llama models only; evaluate it in place with `lightspan eval {ckpt_dir}` (which "
+                         f"reads lightspan checkpoints directly)")
     check_state(cfg, state, f"checkpoint {ckpt_dir}")
     meta = json.loads((ckpt_dir / "meta.json").read_text())
     tok_path = Path(tokenizer) if tokenizer else find_tokenizer(meta, ckpt_dir)

@@ -19,7 +19,7 @@ from model import ModelConfig, build_model  # noqa: E402
 from model.generate import greedy_generate  # noqa: E402
 from pretrain import checkpoint  # noqa: E402
 from pretrain.config import Config, to_dict  # noqa: E402
-from pretrain.convert import import_hf, load_model_weights, main  # noqa: E402
+from pretrain.convert import export_hf, import_hf, load_model_weights, main  # noqa: E402
 
 TEXT = """def fibonacci(n):
     # returns the n-th Fibonacci number, 0-indexed
@@ -295,3 +295,12 @@ def test_bfloat16_export_and_refusing_to_overwrite(tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err
     assert main(["--to", "hf", str(tmp_path / "run"), str(tmp_path / "hf"), "--overwrite"]) == 0
     assert {t.dtype for t in hf_tensors(tmp_path / "hf").values()} == {torch.float32}
+
+
+def test_sharedllm_export_is_refused_with_the_way_out(tmp_path):
+    cfg = ModelConfig(arch="sharedllm", vocab_size=128, dim=32, layers=2, heads=4, glu_dim=48, sharedllm_layers=1,
+                      sharedllm_chunk=16, sharedllm_depth=1, sharedllm_node_positions=8)
+    save_run(tmp_path / "run", cfg)
+    with pytest.raises(ValueError, match=r"holds a SharedLLM model.*lightspan eval"):
+        export_hf(tmp_path / "run", tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()

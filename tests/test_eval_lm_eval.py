@@ -101,3 +101,33 @@ def test_simple_evaluate_runs_a_local_task_through_the_adapter(lm, tmp_path):
         scores = adapter.loglikelihood([(d["ctx"], " " + c) for c in d["choices"]])
         picks.append(int(max(range(len(scores)), key=lambda i: scores[i][0]) == d["label"]))
     assert out["results"]["lightspan_unit_mc"]["acc,none"] == pytest.approx(sum(picks) / len(picks))
+
+
+@pytest.mark.slow
+def test_lightspan_lm_eval_command_scores_a_saved_run(corpus, tmp_path):
+    """The installed `lightspan-lm-eval` command (lm-eval's CLI with the adapter registered) on a trained run."""
+    pytest.importorskip("lm_eval")
+    import json
+    import shutil
+    import subprocess
+
+    from parallel_parity import trainer_args
+    from pretrain.config import load_config
+    from pretrain.trainer import Trainer
+
+    Trainer(load_config(None, [*trainer_args(corpus, tmp_path / "run"), "--train.steps=2"])).train()
+    docs = [{"ctx": "def f():", "choices": [" return", " zzz"], "label": 0}]
+    (tmp_path / "docs.jsonl").write_text(json.dumps(docs[0]) + "\n")
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "task.yaml").write_text(
+        "task: lightspan_cli_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {tmp_path / 'docs.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
+        'doc_to_text: "{{ctx}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: label\nmetric_list:\n  - metric: acc\n')
+    exe = shutil.which("lightspan-lm-eval")
+    assert exe, "lightspan-lm-eval is not installed: pip install -e ."
+    out = subprocess.run([exe, "--model", "lightspan", "--model_args", f"path={tmp_path / 'run'}", "--tasks",
+                          "lightspan_cli_mc", "--include_path", str(tasks), "--output_path", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "lightspan_cli_mc" in out.stdout and "acc" in out.stdout
