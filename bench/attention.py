@@ -72,12 +72,15 @@ def _run_one(kind: str, T: int, args, queue) -> None:
         return (torch.randint(0, args.vocab, (1, args.text), generator=g),
                 torch.randint(0, args.vocab, (1, n, 1024), generator=g))
 
+    def run(xs):  # SharedLLM: (running text, context chunks); the others: (ids,)
+        return model(xs[0], context_chunks=xs[1]) if len(xs) > 1 else model(xs[0])
+
     def step(xs):
         if args.forward_only:
             with torch.no_grad():
-                model(*xs[:1], context_chunks=xs[1] if len(xs) > 1 else None)
+                run(xs)
         else:
-            model(*xs[:1], context_chunks=xs[1] if len(xs) > 1 else None).float().sum().backward()
+            run(xs).float().sum().backward()
             model.zero_grad(set_to_none=True)
 
     step(inputs(min(T, args.text + 2048)))  # warm-up on a short input
