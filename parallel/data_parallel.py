@@ -65,12 +65,8 @@ def deepspeed_config(train_cfg, zero_stage: int, dp_size: int, grad_accum: int) 
     }
 
 
-def apply_deepspeed(model: nn.Module, optimizer, scheduler, train_cfg, zero_stage: int, dp_size: int,
-                    grad_accum: int):
-    """Wrap model + our torch AdamW in a DeepSpeed engine (the world group is the dp x cp group).
-
-    Returns the engine; its `.optimizer` steps our AdamW on the rank's partition, and it steps `scheduler`.
-    """
+def init_deepspeed_comm() -> None:
+    """Point `deepspeed.comm` at the torch.distributed process group already running (no new init)."""
     import deepspeed
 
     if deepspeed.get_accelerator().device_name() == "cpu":
@@ -82,6 +78,17 @@ def apply_deepspeed(model: nn.Module, optimizer, scheduler, train_cfg, zero_stag
         if hasattr(ds_comm, "build_shm_op"):
             ds_comm.build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend=None, auto_mpi_discovery=False)
+
+
+def apply_deepspeed(model: nn.Module, optimizer, scheduler, train_cfg, zero_stage: int, dp_size: int,
+                    grad_accum: int):
+    """Wrap model + our torch AdamW in a DeepSpeed engine (the world group is the dp x cp group).
+
+    Returns the engine; its `.optimizer` steps our AdamW on the rank's partition, and it steps `scheduler`.
+    """
+    import deepspeed
+
+    init_deepspeed_comm()
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(train_cfg, zero_stage, dp_size, grad_accum),
                                            dist_init_required=False)

@@ -7,6 +7,9 @@ this rank's shard of o = softmax(q kᵀ · scale + mask) v over the WHOLE sequen
   (B, H/W, T, D), attention runs locally on whole sequences, a second all-to-all turns the heads back into
   sequence shards. The backward of an all-to-all is the reverse all-to-all. Needs H divisible by W; shards
   are contiguous (rank r holds [r·C, (r+1)·C)), so the causal mask is the plain one after the exchange.
+- `ulysses_deepspeed` (`DeepSpeedUlyssesAttention`): the same exchange done by DeepSpeed's
+  `deepspeed.sequence.layer.DistributedAttention` (its all-to-alls and their backward) around our local
+  attention, for runs that want DeepSpeed's implementation (and its comm/compute overlap on GPU streams).
 - Ring (`RingAttention`): K/V blocks rotate around the ring (isend to r+1, irecv from r-1, overlapped with
   compute); each step yields a partial (o_j, lse_j) of q against block j, merged exactly by log-sum-exp:
       lse = log(e^lse_a + e^lse_b),   o = e^(lse_a - lse) o_a + e^(lse_b - lse) o_b.
@@ -29,7 +32,7 @@ import torch.distributed as dist
 
 from model.softmax_attention import softmax_attention
 
-IMPLS = ("ring", "ulysses")
+IMPLS = ("ring", "ulysses", "ulysses_deepspeed")
 LAYOUTS = ("contiguous", "zigzag")
 
 
@@ -131,6 +134,37 @@ class UlyssesAttention:
 
     def __repr__(self) -> str:
         return f"UlyssesAttention(cp={self.world})"
+
+
+class DeepSpeedUlyssesAttention(UlyssesAttention):
+    """Ulysses through DeepSpeed's `DistributedAttention` (layout (B, T, H, D): batch dim 0, sequence dim 1
+    gathered, head dim 2 scattered); the local attention between the all-to-alls is ours. Same call and
+    results as `UlyssesAttention`."""
+
+    def __init__(self, group):
+        super().__init__(group)
+        try:
+            from deepspeed.sequence.layer import DistributedAttention
+        except ImportError as e:
+            raise ImportError("parallel.attn_cp_impl=ulysses_deepspeed needs DeepSpeed: pip install deepspeed "
+                              "(or the project's `deepspeed` extra), or use attn_cp_impl=ulysses") from e
+        from parallel.data_parallel import init_deepspeed_comm
+
+        init_deepspeed_comm()  # DistributedAttention talks through deepspeed.comm
+
+        def local(q, k, v, causal, scale):  # (B, T, H/W, D) whole sequences, this rank's heads
+            o = softmax_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal, scale)
+            return o.transpose(1, 2)
+
+        self.op = DistributedAttention(local, self.group, scatter_idx=2, gather_idx=1)
+
+    def __call__(self, q, k, v, causal: bool = True, scale: float | None = None):
+        self.check_heads(q.shape[1])
+        q, k, v = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+        return self.op(q, k, v, 0, None, causal, scale).transpose(1, 2)
+
+    def __repr__(self) -> str:
+        return f"DeepSpeedUlyssesAttention(cp={self.world})"
 
 
 # ---------------------------------------------------------------------------------------------- ring
@@ -281,10 +315,10 @@ class RingAttention:
 def build_dist_attention(group, impl: str = "ring", layout: str = "contiguous"):
     if impl not in IMPLS:
         raise ValueError(f"parallel.attn_cp_impl must be one of {list(IMPLS)}, got {impl!r}")
-    if impl == "ulysses":
+    if impl in ("ulysses", "ulysses_deepspeed"):
         if layout != "contiguous":
             raise ValueError("Ulysses attention takes contiguous sequence shards (layout='contiguous')")
-        return UlyssesAttention(group)
+        return UlyssesAttention(group) if impl == "ulysses" else DeepSpeedUlyssesAttention(group)
     return RingAttention(group, layout)
 
 
@@ -301,7 +335,7 @@ def apply_dist_attention(model, cp_group, impl: str = "ring", layout: str = "con
     op = build_dist_attention(_process_group(cp_group), impl, layout)
     targets = [m for m in model.modules() if isinstance(m, (SoftmaxMixer, CrossAttention))]
     for m in targets:
-        if impl == "ulysses":
+        if impl != "ring":
             op.check_heads(m.heads)
         m.attn_op = op
     return model

@@ -67,7 +67,7 @@ class ParallelConfig:
     dp_engine: str = "fsdp2"  # fsdp2 | deepspeed
     zero_stage: int = 2
     cp_impl: str = "lasp2"  # lasp2 | lasp1
-    attn_cp_impl: str = "ring"  # ring | ulysses (softmax layers)
+    attn_cp_impl: str = "ring"  # ring | ulysses | ulysses_deepspeed (softmax layers; DeepSpeed's all-to-alls)
     pp_schedule: str = "1f1b"  # 1f1b | interleaved | gpipe
     microbatches: int = 1
 
@@ -104,7 +104,7 @@ CHOICES = {
     "train.on_nan": ("stop", "skip"),
     "parallel.dp_engine": ("fsdp2", "deepspeed"),
     "parallel.cp_impl": ("lasp2", "lasp1"),
-    "parallel.attn_cp_impl": ("ring", "ulysses"),
+    "parallel.attn_cp_impl": ("ring", "ulysses", "ulysses_deepspeed"),
     "parallel.pp_schedule": ("1f1b", "interleaved", "gpipe"),
 }
 

@@ -8,7 +8,8 @@ import torch
 import torch.distributed as dist
 
 from model.softmax_attention import softmax_attention
-from parallel.dist_attention import RingAttention, UlyssesAttention, zigzag_positions, zigzag_shard
+from parallel.dist_attention import (DeepSpeedUlyssesAttention, RingAttention, UlyssesAttention, zigzag_positions,
+                                     zigzag_shard)
 from parallel.harness import run_distributed
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -39,27 +40,40 @@ def _case(rank, world, op, causal, layout, B=2, H=4, Tq=16, Tk=16, D=8, seed=0):
                                    msg=lambda m: f"{what} d{name}: {m}")
 
 
+def _ulysses_ops(group):
+    ops = [UlyssesAttention(group)]
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:  # installed by `make test`; optional elsewhere
+        return ops
+    return ops + [DeepSpeedUlyssesAttention(group)]
+
+
 def _all_cases(rank, world, ulysses):
     group = dist.group.WORLD
+    ops = _ulysses_ops(group) if ulysses else []
     for causal in (True, False):
         _case(rank, world, RingAttention(group, "contiguous"), causal, "contiguous")
         _case(rank, world, RingAttention(group, "zigzag"), causal, "zigzag")
-        if ulysses:
-            _case(rank, world, UlyssesAttention(group), causal, "contiguous")
+        for op in ops:
+            _case(rank, world, op, causal, "contiguous")
     # cross-attention shape: q from the text, k/v from a memory of another length, not causal
     _case(rank, world, RingAttention(group), False, "contiguous", Tq=8, Tk=24, seed=1)
-    if ulysses:
-        _case(rank, world, UlyssesAttention(group), False, "contiguous", Tq=8, Tk=24, seed=1)
+    for op in ops:
+        _case(rank, world, op, False, "contiguous", Tq=8, Tk=24, seed=1)
     if world == 4:
-        with pytest.raises(ValueError, match=r"heads \(6\) not divisible by cp \(4\)"):
-            UlyssesAttention(group)(*(torch.zeros(1, 6, 4, 8) for _ in range(3)))
-    return True
+        for op in ops:
+            with pytest.raises(ValueError, match=r"heads \(6\) not divisible by cp \(4\)"):
+                op(*(torch.zeros(1, 6, 4, 8) for _ in range(3)))
+    return [type(op).__name__ for op in ops]
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_dist_attention_parity(world):
-    """cp=2: ring (contiguous, zig-zag) and Ulysses; cp=4: the same (H=4) plus the uneven-heads refusal."""
-    assert run_distributed(_all_cases, world, args=(True,), timeout_s=60) == [True] * world
+    """cp=2: ring (contiguous, zig-zag) and Ulysses (ours, and DeepSpeed's DistributedAttention when DeepSpeed
+    is installed); cp=4: the same (H=4) plus the uneven-heads refusal."""
+    results = run_distributed(_all_cases, world, args=(True,), timeout_s=90)
+    assert results[0][0] == "UlyssesAttention" and all(r == results[0] for r in results)
 
 
 def test_zigzag_layout():
