@@ -8,7 +8,11 @@ A TNL model (arch "tnl") becomes a `transnormer` folder loaded with
 `AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True)`: config.json with the released TNL field
 names, model.safetensors (sharded with model.safetensors.index.json past --max-shard-size), our
 configuration/modeling/tokenization files, the sentencepiece tokenizer.model with its tokenizer_config.json,
-and generation_config.json. The softmax baseline (arch "llama") becomes a standard `LlamaForCausalLM` folder.
+and generation_config.json. Hybrid TNL models (model.attention_pattern with S layers: RoPE softmax attention)
+export the same way: config.json adds `attention_pattern` and `rope_theta`, the S layers' tensors keep our names
+(model.layers.N.token_mixer.{q,k,v,o}_proj.weight), and the modeling file computes them with a key/value cache
+beside the lightning layers' recurrent states. The softmax baseline (arch "llama") becomes a standard
+`LlamaForCausalLM` folder. SharedLLM checkpoints are refused (evaluate them in place with `lightspan eval`).
 `--from hf` reads such a folder back into a checkpoint folder OUT (state.pt + meta.json, the
 pretrain/checkpoint.py format; state holds only "model" and "step").
 
@@ -119,6 +123,8 @@ def check_state(cfg: ModelConfig, state: dict, where: str, rename=lambda k: k) -
 # key names and configs
 # ------------------------------------------------------------------------------------------------------------
 def to_hf_key(cfg: ModelConfig, key: str) -> str:
+    """Our state-dict key -> the HF one. TNL (hybrid S layers included: token_mixer.{q,k,v,o}_proj) keeps our
+    names under `model.`; Llama differs only in its final norm."""
     if key == "lm_head.weight":
         return key
     if cfg.arch == "llama" and key == "final_norm.weight":
@@ -147,6 +153,8 @@ def hf_config(cfg: ModelConfig, ids: dict, dtype: torch.dtype, extra: dict) -> d
             "linear_use_lrpe_list": [1 if i in cfg.lrpe_layers else 0 for i in range(cfg.layers)],
             "norm_type": "simplermsnorm", "linear_act_fun": "silu", "glu_act": "none", "bias": False,
             "no_scale_embedding": cfg.no_scale_embedding, "init_std": cfg.init_std, "norm_eps": cfg.norm_eps,
+            # hybrids: L/S letters tiled over the layers, and the RoPE base of the S layers
+            "attention_pattern": cfg.attention_pattern, "rope_theta": cfg.rope_theta,
             "add_bos_token": False, "tie_word_embeddings": True, "lightspan": extra,
         }
     return {
@@ -191,7 +199,9 @@ def model_config_from_hf(raw: dict, where: str) -> ModelConfig:
                           heads=need("decoder_attention_heads"), glu_dim=need("glu_dim"),
                           lrpe_layers=[i for i, f in enumerate(flags[:layers]) if f],
                           no_scale_embedding=bool(raw.get("no_scale_embedding", False)),
-                          norm_eps=float(raw.get("norm_eps", 1e-6)), init_std=float(raw.get("init_std", 0.02)))
+                          norm_eps=float(raw.get("norm_eps", 1e-6)), init_std=float(raw.get("init_std", 0.02)),
+                          attention_pattern=str(raw.get("attention_pattern") or "L"),
+                          rope_theta=float(raw.get("rope_theta", 10000.0)))
     elif kind == "llama":
         dim, heads = need("hidden_size"), need("num_attention_heads")
         refuse_unless("hidden_act", ["silu"], "silu")
@@ -356,11 +366,10 @@ def export_hf(ckpt, out, tokenizer=None, max_shard_size="5GB", dtype: str | None
     """Write the HF folder `out` for a lightspan checkpoint (see the module docstring)."""
     ckpt_dir = resolve_checkpoint(ckpt)
     cfg, state = load_model_weights(ckpt_dir)
-    if cfg.arch == "sharedllm" or (cfg.arch == "tnl" and "S" in cfg.attention_pattern):
-        kind = "SharedLLM" if cfg.arch == "sharedllm" else f"hybrid (attention_pattern {cfg.attention_pattern!r})"
-        raise ValueError(f"checkpoint {ckpt_dir} holds a {kind} model: the Hugging Face export covers plain TNL "
-                         f"and Llama models only; evaluate it in place with `lightspan eval {ckpt_dir}` (which "
-                         f"reads lightspan checkpoints directly)")
+    if cfg.arch == "sharedllm":
+        raise ValueError(f"checkpoint {ckpt_dir} holds a SharedLLM model: the Hugging Face export covers TNL "
+                         f"(hybrids included) and Llama models only; evaluate it in place with "
+                         f"`lightspan eval {ckpt_dir}` (which reads lightspan checkpoints directly)")
     check_state(cfg, state, f"checkpoint {ckpt_dir}")
     meta = json.loads((ckpt_dir / "meta.json").read_text())
     tok_path = Path(tokenizer) if tokenizer else find_tokenizer(meta, ckpt_dir)

@@ -187,6 +187,126 @@ def test_hf_to_ours_to_hf_is_byte_identical(tnl_export, tmp_path):
     assert (hf_dir / "tokenizer.model").read_bytes() == (tmp_path / "hf2" / "tokenizer.model").read_bytes()
 
 
+# ------------------------------------------------------------------------------------------------------------
+# hybrids: S layers (RoPE softmax attention) among the lightning layers
+# ------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def hybrid_export(tmp_path_factory, sp_model):
+    root = tmp_path_factory.mktemp("hybrid")
+    # layers 0, 2 lightning (LRPE on 0), 1, 3 softmax; a non-default RoPE base shows rope_theta travels
+    model = save_run(root / "run", tnl_cfg(attention_pattern="LS", layers=4, rope_theta=1000.0), tokenizer=sp_model[1])
+    assert main(["--to", "hf", str(root / "run"), str(root / "hf")]) == 0
+    return model, root / "hf"
+
+
+@torch.no_grad()
+def naive_greedy(model, ids, n, eos_id=None):
+    """Greedy decoding by re-running our model on the whole sequence per token (batch of one)."""
+    assert ids.shape[0] == 1
+    for _ in range(n):
+        nxt = model(ids)[:, -1].argmax(-1)
+        ids = torch.cat([ids, nxt[:, None]], dim=1)
+        if eos_id is not None and int(nxt) == eos_id:
+            break
+    return ids
+
+
+def test_hybrid_export_layout(hybrid_export):
+    _, hf = hybrid_export
+    cfg = json.loads((hf / "config.json").read_text())
+    assert (cfg["attention_pattern"], cfg["rope_theta"], cfg["decoder_layers"]) == ("LS", 1000.0, 4)
+    keys = set(hf_tensors(hf))
+    lightning = {f"model.layers.{i}.token_mixer.{n}.weight" for i in (0, 2) for n in ("qkvu_proj", "out_proj")}
+    softmax = {f"model.layers.{i}.token_mixer.{n}_proj.weight" for i in (1, 3) for n in "qkvo"}
+    glu = {f"model.layers.{i}.channel_mixer.l{j}.weight" for i in range(4) for j in (1, 2, 3)}
+    assert keys == {"model.embed_tokens.weight", "lm_head.weight", "model.layers.0.token_mixer.lrpe.theta"} | \
+        lightning | softmax | glu
+
+
+def test_hybrid_logits_match_transformers(hybrid_export):
+    model, hf_dir = hybrid_export
+    hf = load_hf(hf_dir)
+    assert [type(layer.token_mixer).__name__ for layer in hf.model.layers] == \
+        ["NormLinearAttention", "SoftmaxAttention"] * 2
+    ids = torch.randint(0, 128, (2, 150))
+    with torch.no_grad():
+        want = model(ids)
+        torch.testing.assert_close(hf(ids).logits, want, atol=1e-4, rtol=1e-4)
+        # chunked prefill through the cache (lightning states + softmax keys/values) equals one pass
+        first = hf(ids[:, :70], use_cache=True)
+        second = hf(ids[:, 70:100], recurrent_cache=first.recurrent_cache)
+        third = hf(ids[:, 100:], recurrent_cache=second.recurrent_cache)
+        assert third.recurrent_cache.states[1][0].shape == (2, 4, 150, 8)  # S layer: keys of all 150 tokens
+        torch.testing.assert_close(torch.cat([first.logits, second.logits, third.logits], 1), want,
+                                   atol=1e-4, rtol=1e-4)
+
+
+def test_hybrid_generate_matches_our_greedy_decoding(hybrid_export):
+    model, hf_dir = hybrid_export
+    hf = load_hf(hf_dir)
+    lengths = []
+    hook = hf.model.register_forward_pre_hook(lambda m, a, kw: lengths.append(kw["input_ids"].shape[1]),
+                                              with_kwargs=True)
+    prompt = torch.randint(4, 128, (1, 9))
+    theirs = hf.generate(prompt, max_new_tokens=12, do_sample=False)
+    hook.remove()
+    ours = naive_greedy(model, prompt, 12, eos_id=2)
+    assert theirs.tolist() == ours.tolist()
+    assert len(set(ours[0, 9:].tolist())) > 1  # the check is not vacuous
+    assert lengths[0] == 9 and set(lengths[1:]) == {1}  # the prompt once, then one token per step from the cache
+
+
+def test_hybrid_generate_left_padded_batch(hybrid_export):
+    """A left-padded row decodes like the same prompt alone (padded keys left out of the softmax, RoPE relative)."""
+    model, hf_dir = hybrid_export
+    hf = load_hf(hf_dir)
+    short, long = torch.randint(4, 128, (1, 5)), torch.randint(4, 128, (1, 8))
+    batch = torch.cat([torch.cat([torch.full((1, 3), 3), short], 1), long])
+    mask = torch.ones_like(batch)
+    mask[0, :3] = 0
+    out = hf.generate(batch, attention_mask=mask, max_new_tokens=6, do_sample=False, eos_token_id=None)
+    assert out[0, 8:].tolist() == naive_greedy(model, short, 6)[0, 5:].tolist()
+    assert out[1, 8:].tolist() == naive_greedy(model, long, 6)[0, 8:].tolist()
+    with torch.no_grad():  # and the padded row's logits are the unpadded prompt's
+        torch.testing.assert_close(hf(batch, attention_mask=mask).logits[0, 3:], model(short)[0], atol=1e-4, rtol=1e-4)
+
+
+def test_hybrid_hf_to_ours_to_hf_is_byte_identical(hybrid_export, tmp_path):
+    model, hf_dir = hybrid_export
+    assert main(["--from", "hf", str(hf_dir), str(tmp_path / "ckpt")]) == 0
+    cfg, state = load_model_weights(tmp_path / "ckpt")
+    assert cfg == model.cfg and (cfg.attention_pattern, cfg.rope_theta) == ("LS", 1000.0)
+    ours = build_model(cfg).eval()
+    ours.load_state_dict(state)
+    ids = torch.randint(0, 128, (1, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), model(ids), atol=0, rtol=0)
+    assert main(["--to", "hf", str(tmp_path / "ckpt"), str(tmp_path / "hf2")]) == 0
+    a, b = hf_tensors(hf_dir), hf_tensors(tmp_path / "hf2")
+    assert list(a) == list(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape
+        assert a[k].numpy().tobytes() == b[k].numpy().tobytes(), k
+    raw_a, raw_b = (json.loads((d / "config.json").read_text()) for d in (hf_dir, tmp_path / "hf2"))
+    assert (raw_b["attention_pattern"], raw_b["rope_theta"]) == (raw_a["attention_pattern"], raw_a["rope_theta"])
+
+
+def test_plain_tnl_config_without_hybrid_fields_imports_as_all_lightning(tnl_export, tmp_path):
+    """Released TNL config.json files have no attention_pattern / rope_theta: they mean all-lightning layers."""
+    model, hf_dir = tnl_export
+    src = tmp_path / "released"
+    src.mkdir()
+    raw = json.loads((hf_dir / "config.json").read_text())
+    assert raw["attention_pattern"] == "L"
+    for name in ("attention_pattern", "rope_theta"):
+        raw.pop(name)
+    (src / "config.json").write_text(json.dumps(raw))
+    save_file(hf_tensors(hf_dir), str(src / "model.safetensors"), metadata={"format": "pt"})
+    import_hf(src, tmp_path / "ckpt")
+    cfg, _ = load_model_weights(tmp_path / "ckpt")
+    assert cfg == model.cfg
+
+
 def test_sharded_safetensors_with_index(tmp_path):
     model = save_run(tmp_path / "run", tnl_cfg())
     assert main(["--to", "hf", str(tmp_path / "run"), str(tmp_path / "hf"), "--max-shard-size", "20KB"]) == 0

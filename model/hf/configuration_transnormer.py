@@ -3,6 +3,10 @@
 Field names follow the released TNL checkpoints (OpenNLPLab/TransNormerLLM-*), so their config.json files load
 here and ours load there. Only the variant lightspan trains is supported by the modeling file: SimpleRMSNorm,
 silu on q/k, no GLU activation, no biases, hidden_dim == decoder_embed_dim.
+
+Hybrids: `attention_pattern` is a string of letters L (lightning attention layer) and S (causal softmax attention
+with RoPE of base `rope_theta`), tiled over the layers; the default "L" (all lightning) is the released TNL, so
+config.json files without these fields load as before.
 """
 from transformers import PretrainedConfig
 
@@ -35,6 +39,8 @@ class TransnormerConfig(PretrainedConfig):
         glu_act="none",
         bias=False,
         norm_eps=1e-6,
+        attention_pattern="L",
+        rope_theta=10000.0,
         tie_word_embeddings=True,
         **kwargs,
     ):
@@ -56,5 +62,13 @@ class TransnormerConfig(PretrainedConfig):
         self.glu_act = glu_act
         self.bias = bias
         self.norm_eps = norm_eps
+        # hybrids: one letter per layer, L lightning / S softmax (RoPE), tiled over the layers ("LLLLLLLS")
+        self.attention_pattern = attention_pattern
+        self.rope_theta = rope_theta  # RoPE base of the S layers
         super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
                          tie_word_embeddings=tie_word_embeddings, **kwargs)
+
+    def layer_kind(self, layer: int) -> str:
+        """'L' (lightning) or 'S' (softmax) for layer `layer`: attention_pattern tiled over the layers."""
+        pattern = self.attention_pattern or "L"
+        return pattern[layer % len(pattern)]

@@ -10,10 +10,19 @@ Shipped into every folder `lightspan convert --to hf` writes; loaded with
                   y = (SRMSNorm_over_all_heads(o) ⊙ u) W_o
     decay:        λ_{h,l} = exp(-s_h (1 - l/(L-1) + 1e-5)), s_h the ALiBi slopes (factor 1 for one layer)
 
-Decoding carries the recurrent state as the cache (`TransnormerRecurrentCache`: one fp32 (B, H, Dk, Dv) state
-per layer plus the number of tokens consumed, which is the LRPE position offset). A 2-D attention mask with
-zeros (left padding) zeroes k and v at the padded positions, so they add nothing to the state; LRPE depends
-only on t - s, so the shifted positions of a left-padded row do not change its result.
+Hybrids (`config.attention_pattern`, letters L / S tiled over the layers): an S layer mixes tokens with causal
+softmax attention instead, Llama-style (what lightspan's `model/softmax_attention.py` SoftmaxMixer computes):
+
+    softmax mixer: q, k, v = x W_q, x W_k, x W_v;  q, k = RoPE(q), RoPE(k) at the global positions
+                   (rotate-half convention, frequencies rope_theta^(-2i/head_dim), angles in fp32)
+                   o = softmax(q kᵀ / sqrt(head_dim) + causal mask) v;  y = o W_o
+
+Decoding carries the cache `TransnormerRecurrentCache`: per lightning layer one fp32 (B, H, Dk, Dv) recurrent
+state, per softmax layer the past keys (after RoPE) and values (B, H, past, head_dim), plus the number of tokens
+consumed (the LRPE / RoPE position offset). A 2-D attention mask with zeros (left padding) zeroes k and v at the
+padded positions of lightning layers, so they add nothing to the state, and removes the padded keys from the
+softmax of S layers (the cache keeps which past keys were padding); LRPE and RoPE depend only on t - s, so the
+shifted positions of a left-padded row do not change its result.
 """
 from __future__ import annotations
 
@@ -91,19 +100,30 @@ def decay_slopes(heads: int, layer: int, layers: int) -> list:
 # the recurrent cache
 # ----------------------------------------------------------------------------------------------------------
 class TransnormerRecurrentCache:
-    """What decoding carries: per-layer fp32 states (B, H, Dk, Dv) and `seen_tokens` (the LRPE offset)."""
+    """What decoding carries, per layer: a lightning layer's fp32 state (B, H, Dk, Dv), a softmax layer's
+    (keys after RoPE, values), each (B, H, seen_tokens, head_dim); `seen_tokens` (the LRPE / RoPE offset);
+    `key_mask`: (B, seen_tokens) bool, False at padded positions, or None when no position was padding (kept
+    only for models with softmax layers, whose past keys it masks).
+    """
 
-    def __init__(self, states=None, seen_tokens: int = 0):
+    def __init__(self, states=None, seen_tokens: int = 0, key_mask=None):
         self.states = list(states) if states is not None else None
         self.seen_tokens = seen_tokens
+        self.key_mask = key_mask
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Beam search: reorder the batch rows of every state."""
+        """Beam search: reorder the batch rows of every state (and of the key mask)."""
+
+        def pick(x):
+            return x.index_select(0, beam_idx.to(x.device))
+
         if self.states is not None:
-            self.states = [s.index_select(0, beam_idx.to(s.device)) for s in self.states]
+            self.states = [tuple(pick(z) for z in s) if isinstance(s, tuple) else pick(s) for s in self.states]
+        if self.key_mask is not None:
+            self.key_mask = pick(self.key_mask)
 
     def __len__(self) -> int:
         return 0 if self.states is None else len(self.states)
@@ -190,6 +210,60 @@ class NormLinearAttention(nn.Module):
         return self.out_proj(self.norm(o) * u), state
 
 
+def rotary(x, positions, theta: float):
+    """RoPE (rotate-half convention) at `positions` (T,) for x (B, H, T, head_dim); angles in fp32 or better."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    hd = x.shape[-1]
+    inv_freq = theta ** (-torch.arange(0, hd, 2, dtype=dtype, device=x.device) / hd)
+    angles = positions.to(device=x.device, dtype=dtype)[:, None] * inv_freq[None, :]
+    cos, sin = angles.cos(), angles.sin()
+    x1, x2 = x.to(dtype).chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
+
+
+class SoftmaxAttention(nn.Module):
+    """The token mixer of a hybrid's S layer: causal softmax self-attention with RoPE."""
+
+    def __init__(self, config: TransnormerConfig, layer: int):
+        super().__init__()
+        d = config.decoder_embed_dim
+        self.heads = config.decoder_attention_heads
+        self.head_dim = config.hidden_dim // self.heads
+        self.theta = float(config.rope_theta)
+        self.q_proj = nn.Linear(d, config.hidden_dim, bias=False)
+        self.k_proj = nn.Linear(d, config.hidden_dim, bias=False)
+        self.v_proj = nn.Linear(d, config.hidden_dim, bias=False)
+        self.o_proj = nn.Linear(config.hidden_dim, d, bias=False)
+
+    def forward(self, x, state=None, offset: int = 0, key_mask=None):
+        """x: (B, T, D); state: (past keys, past values) or None; key_mask: (B, past + T) bool or None.
+
+        Returns (y: (B, T, D), (keys, values) of the past and these T tokens).
+        """
+        b, t, _ = x.shape
+        q, k, v = (p(x).reshape(b, t, self.heads, self.head_dim).transpose(1, 2)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        positions = torch.arange(offset, offset + t, device=x.device)
+        q, k = rotary(q, positions, self.theta), rotary(k, positions, self.theta)
+        if state is not None:
+            k, v = torch.cat([state[0].to(k.dtype), k], dim=2), torch.cat([state[1].to(v.dtype), v], dim=2)
+        past = k.shape[2] - t
+        if past == 0 and key_mask is None:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            query_pos = torch.arange(past, past + t, device=x.device)[:, None]
+            key_pos = torch.arange(past + t, device=x.device)[None, :]
+            allowed = key_pos <= query_pos  # (T, past + T): query i is global position past + i
+            if key_mask is not None:
+                # padded keys are left out; a padded query still sees itself, so no row of the softmax is empty
+                # (its output is never used: later layers mask that position too)
+                keep = key_mask[:, None, None, :].to(device=x.device, dtype=torch.bool)
+                allowed = allowed & (keep | (key_pos == query_pos))
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        y = self.o_proj(o.transpose(1, 2).reshape(b, t, -1))
+        return y, (k, v)
+
+
 class SimpleGLU(nn.Module):
     """l3(l1(x) * l2(x)), no activation."""
 
@@ -207,12 +281,14 @@ class TransnormerDecoderLayer(nn.Module):
     def __init__(self, config: TransnormerConfig, layer: int):
         super().__init__()
         self.token_norm = SimpleRMSNorm(config.norm_eps)
-        self.token_mixer = NormLinearAttention(config, layer)
+        self.softmax = config.layer_kind(layer) == "S"
+        self.token_mixer = SoftmaxAttention(config, layer) if self.softmax else NormLinearAttention(config, layer)
         self.channel_norm = SimpleRMSNorm(config.norm_eps)
         self.channel_mixer = SimpleGLU(config.decoder_embed_dim, config.glu_dim)
 
-    def forward(self, x, state=None, offset: int = 0, mask=None):
-        mixed, state = self.token_mixer(self.token_norm(x), state, offset, mask)
+    def forward(self, x, state=None, offset: int = 0, mask=None, key_mask=None):
+        """mask: (B, T) 0/1 of these tokens (lightning layers); key_mask: (B, past + T) bool (softmax layers)."""
+        mixed, state = self.token_mixer(self.token_norm(x), state, offset, key_mask if self.softmax else mask)
         x = x + mixed
         return x + self.channel_mixer(self.channel_norm(x)), state
 
@@ -229,6 +305,13 @@ def check_supported(config: TransnormerConfig) -> None:
     if config.hidden_dim % config.decoder_attention_heads:
         raise ValueError(f"decoder_attention_heads ({config.decoder_attention_heads}) does not divide "
                          f"hidden_dim ({config.hidden_dim})")
+    pattern = getattr(config, "attention_pattern", "L")
+    if not isinstance(pattern, str) or not pattern or set(pattern) - {"L", "S"}:
+        raise ValueError(f"config.attention_pattern must be letters L (lightning) / S (softmax) only, "
+                         f"e.g. 'LLLLLLLS', got {pattern!r}")
+    if "S" in pattern and (config.hidden_dim // config.decoder_attention_heads) % 2:
+        raise ValueError(f"softmax layers need an even head size for RoPE, got "
+                         f"{config.hidden_dim // config.decoder_attention_heads}")
 
 
 class TransnormerPreTrainedModel(PreTrainedModel):
@@ -259,6 +342,7 @@ class TransnormerModel(TransnormerPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.decoder_embed_dim, padding_idx=None)
         self.embed_scale = 1.0 if config.no_scale_embedding else math.sqrt(config.decoder_embed_dim)
         self.layers = nn.ModuleList(TransnormerDecoderLayer(config, i) for i in range(config.decoder_layers))
+        self.has_softmax = any(layer.softmax for layer in self.layers)
         self.final_norm = SimpleRMSNorm(config.norm_eps)
         self.post_init()
 
@@ -282,17 +366,26 @@ class TransnormerModel(TransnormerPreTrainedModel):
         mask = None
         if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask[:, -t:].all()):
             mask = attention_mask[:, -t:]
+        # softmax layers mask padded keys of the past too: the cache remembers which ones were padding
+        past_mask = recurrent_cache.key_mask if recurrent_cache is not None else None
+        key_mask = None
+        if self.has_softmax and (mask is not None or past_mask is not None):
+            b = x.shape[0]
+            if past_mask is None:
+                past_mask = torch.ones(b, offset, dtype=torch.bool, device=x.device)
+            now = mask.bool() if mask is not None else torch.ones(b, t, dtype=torch.bool, device=x.device)
+            key_mask = torch.cat([past_mask.to(x.device), now.to(x.device)], dim=1)
         hidden = [] if output_hidden_states else None
         new_states = []
         for i, layer in enumerate(self.layers):
             if hidden is not None:
                 hidden.append(x)
-            x, state = layer(x, states[i] if states is not None else None, offset, mask)
+            x, state = layer(x, states[i] if states is not None else None, offset, mask, key_mask)
             new_states.append(state)
         x = self.final_norm(x)
         if hidden is not None:
             hidden.append(x)
-        cache = TransnormerRecurrentCache(new_states, offset + t) if use_cache else None
+        cache = TransnormerRecurrentCache(new_states, offset + t, key_mask) if use_cache else None
         return TransnormerModelOutput(last_hidden_state=x, recurrent_cache=cache,
                                       hidden_states=tuple(hidden) if hidden is not None else None)
 
