@@ -121,11 +121,12 @@ def clip_grad_norm(parameters, max_norm: float, pp_group=None, counted=None) -> 
 
     params = [p for p in parameters if p.grad is not None]
     grads = [p.grad for p in (params if counted is None else counted) if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    total = torch.nn.utils.get_total_norm(grads, 2.0, foreach=False)
-    if isinstance(total, DTensor):
-        total = total.full_tensor()
+    if grads:
+        total = torch.nn.utils.get_total_norm(grads, 2.0, foreach=False)
+        if isinstance(total, DTensor):
+            total = total.full_tensor()
+    else:  # nothing trainable here (a frozen pipeline stage): it still joins the pp reduction below
+        total = torch.zeros((), dtype=torch.float32)
     if pp_group is not None:
         import torch.distributed as dist
 

@@ -117,7 +117,8 @@ class HeadShardedLrpe(nn.Module):
 
     def __init__(self, lrpe: Lrpe, tp_mesh):
         super().__init__()
-        self.theta = nn.Parameter(distribute_tensor(lrpe.theta.data, tp_mesh, [Shard(0)]))
+        self.theta = nn.Parameter(distribute_tensor(lrpe.theta.data, tp_mesh, [Shard(0)]),
+                                  requires_grad=lrpe.theta.requires_grad)  # a frozen theta stays frozen
 
     def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
         return Lrpe.forward(_LocalTheta(self.theta.to_local()), x, offset)
@@ -165,7 +166,7 @@ def apply_tp(model: nn.Module, tp_mesh, loss_parallel: bool = True, sequence_par
     parallelize_module(model, tp_mesh, top)
     if tied:  # both styles shard the (V, D) table on dim 0: re-tie to one parameter
         model.lm_head.weight = model.embed_tokens.weight
-    if model.embed_tokens is not None:
+    if model.embed_tokens is not None and model.embed_tokens.weight.requires_grad:  # (frozen: no gradient)
         # The embedding's backward alone (a first pipeline stage) yields a replicated table gradient; keep it
         # sharded like the weight, so gradients, their exchange between stages and the optimizer agree.
         weight = model.embed_tokens.weight

@@ -81,6 +81,8 @@ def _unshared(name: str, reference: dict) -> str:
 def _grads(model, engine=None) -> dict:
     out = {}
     for name, p in model.named_parameters():
+        if not p.requires_grad:  # frozen (SharedLLM with sharedllm_trainable=cross)
+            continue
         if engine is not None:
             from deepspeed.utils import safe_get_full_grad
 
@@ -104,7 +106,7 @@ def reference(cfg: Config, steps: int):
     logits = model(b0["input_ids"], **model_inputs(b0))
     loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), b0["labels"].flatten(), ignore_index=-100)
     loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad(set_to_none=True)
     opt = build_optimizer(model, cfg.train)
     single = copy.deepcopy(cfg)

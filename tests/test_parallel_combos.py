@@ -41,12 +41,14 @@ def _model_worker(rank, world, parallel, model_kw):
 
 HYBRID = {"attention_pattern": "LS"}
 PP2 = {"pp": 2, "microbatches": 2}
+CROSS_ONLY = {**SHAREDLLM, "sharedllm_trainable": "cross"}  # frozen decoder: stage 1 has nothing to train
 
 
 @pytest.mark.parametrize("parallel,model_kw", [
     ({"tp": 2}, HYBRID), (PP2, HYBRID),  # hybrid cp=2: test_hybrid_cp2_through_parallelize_matches_unsharded
-    ({"tp": 2}, SHAREDLLM), ({"cp": 2}, SHAREDLLM), (PP2, SHAREDLLM),
-], ids=["hybrid-tp2", "hybrid-pp2", "sharedllm-tp2", "sharedllm-cp2", "sharedllm-pp2"])
+    ({"tp": 2}, SHAREDLLM), ({"cp": 2}, SHAREDLLM), (PP2, SHAREDLLM), ({"tp": 2}, CROSS_ONLY), (PP2, CROSS_ONLY),
+], ids=["hybrid-tp2", "hybrid-pp2", "sharedllm-tp2", "sharedllm-cp2", "sharedllm-pp2", "sharedllm-cross-only-tp2",
+        "sharedllm-cross-only-pp2"])
 def test_hybrid_and_sharedllm_match_unsharded(parallel, model_kw):
     """Hybrid TNL and SharedLLM-TNL through parallelize + TrainStep: logits, loss, every gradient, 3 steps.
     SharedLLM: cross-attention by heads under tp; chunks spread over cp with ring cross-attention (inside
