@@ -110,13 +110,14 @@ def _mqar_rows(steps: int, seconds: float, threads: int) -> list[dict]:
     return rows, dataclasses.asdict(spec)
 
 
-def _sharedllm_part(args, out: Path) -> dict:
+def _sharedllm_part(args, out: Path, lm: dict | None = None) -> dict:
     """Part 2: SharedLLM-TNL vs the TNL + concat run (trained here unless part 1 or --skip-train left it)."""
     rows = {}
     for name, extra in (("concat", ()), ("sharedllm", tuple(SHAREDLLM))):
         run_dir = out / name
         if args.skip_train or (name == "concat" and (run_dir / "checkpoints").is_dir()):
-            losses, secs = [], 0.0
+            done = (lm or {}).get(name) or {}
+            losses, secs = [done["final_loss"]] if done.get("final_loss") is not None else [], 0.0
         else:
             run_dir, losses, secs = _train_lm("concat", args.steps, out, args.config, args.threads, args.prepared,
                                               name, ("--data.seq_len=512", *extra))
@@ -186,7 +187,7 @@ def main(argv=None) -> int:
                         out / "perplexity.png", 512, "held-out perplexity, equal training tokens")
 
     if "sharedllm" in parts:
-        results["sharedllm"] = _sharedllm_part(args, out)
+        results["sharedllm"] = _sharedllm_part(args, out, results.get("lm"))
     if "mqar" in parts:
         rows, spec = _mqar_rows(args.mqar_steps, args.mqar_seconds, args.threads)
         results["mqar"] = {"spec": spec, "rows": rows}
