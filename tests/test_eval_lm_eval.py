@@ -124,7 +124,12 @@ def test_lightspan_lm_eval_command_scores_a_saved_run(corpus, tmp_path):
         "task: lightspan_cli_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
         f"    test: {tmp_path / 'docs.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
         'doc_to_text: "{{ctx}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: label\nmetric_list:\n  - metric: acc\n')
-    exe = shutil.which("lightspan-lm-eval")
+    import sys
+    from pathlib import Path
+
+    # installed beside this interpreter (a venv's bin/ need not be on PATH when its python is called directly)
+    beside = Path(sys.executable).parent / "lightspan-lm-eval"
+    exe = str(beside) if beside.is_file() else shutil.which("lightspan-lm-eval")
     assert exe, "lightspan-lm-eval is not installed: pip install -e ."
     out = subprocess.run([exe, "--model", "lightspan", "--model_args", f"path={tmp_path / 'run'}", "--tasks",
                           "lightspan_cli_mc", "--include_path", str(tasks), "--output_path", str(tmp_path / "out")],
