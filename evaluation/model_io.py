@@ -44,8 +44,8 @@ class ModelRunner:
         self.device = torch.device(device)
         self.sharedllm = self.cfg.arch == "sharedllm"
         self.text_len = int(text_len) if text_len else 2 * self.cfg.sharedllm_chunk
-        # hybrids with softmax ('S') layers keep no state between chunks: they run whole inputs, like the baseline
-        self.recurrent = self.cfg.arch == "tnl" and "S" not in getattr(self.cfg, "attention_pattern", "L")
+        # TNL and its hybrids carry states between chunks (a softmax 'S' layer's is its key/value cache)
+        self.recurrent = self.cfg.arch == "tnl"
 
     def context_tokens(self, length: int) -> int:
         """SharedLLM: how many leading tokens of a `length`-token input are compressed context (whole chunks)."""

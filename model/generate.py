@@ -1,7 +1,8 @@
 """Greedy decoding with our own models: the reference that exported Hugging Face models are checked against.
 
-TNL decodes recurrently: one forward over the prompt returns each layer's fp32 state, then every new token
-is one step from those states at its global position (the LRPE offset). The softmax baseline has no cache
+TNL decodes recurrently: one forward over the prompt returns each layer's fp32 state (a hybrid's softmax layers:
+their key/value cache), then every new token is one step from those states at its global position (the LRPE
+and RoPE offset). The softmax baseline has no cache
 here: it re-runs the whole sequence per token (fine for tests and short evaluations).
 """
 from __future__ import annotations

@@ -86,7 +86,8 @@ class SoftmaxMixer(nn.Module):
     """The token mixer of a hybrid's softmax ('S') layer: RoPE causal self-attention, Llama-style.
 
     x: (B, T, D) -> (B, T, D). Same call as the lightning `TokenMixer`; positions start at `position_offset`
-    (the global start of a sequence shard). It keeps no recurrent state, so `state`/`return_state` are refused.
+    (the global start of a sequence shard). Its "state" is a key/value cache, so a hybrid decodes with states
+    like a pure TNL (lightning layers carry (B, H, Dk, Dv), softmax layers (k, v) growing by one per token).
     """
 
     def __init__(self, cfg: ModelConfig, layer: int):
@@ -100,13 +101,21 @@ class SoftmaxMixer(nn.Module):
         self.attn_op = LocalSoftmaxAttention()
 
     def forward(self, x, position_offset: int = 0, state=None, return_state: bool = False):
-        if state is not None or return_state:
-            raise NotImplementedError("softmax layers keep no recurrent state (no KV cache yet): run the whole "
-                                      "prefix instead of decoding a hybrid with states")
+        """state: a key/value cache (k, v), each (B, H, P, hd) after RoPE, of the P tokens before this call
+        (what `return_state=True` returns, extended by this call's tokens): decoding a hybrid step by step."""
         b, t, _ = x.shape
         q, k, v = (p(x).reshape(b, t, -1, self.head_dim).transpose(1, 2)
                    for p in (self.q_proj, self.k_proj, self.v_proj))
         positions = torch.arange(position_offset, position_offset + t, device=x.device)
         q, k = rope(q, positions, self.theta), rope(k, positions, self.theta)
-        o = self.attn_op(q, k, v, causal=True)
-        return self.o_proj(o.transpose(1, 2).reshape(b, t, -1))
+        if state is None:
+            o = self.attn_op(q, k, v, causal=True)
+        else:
+            if not isinstance(self.attn_op, LocalSoftmaxAttention):
+                raise NotImplementedError("a key/value cache is for local decoding, not under sequence parallelism")
+            k, v = torch.cat([state[0], k], dim=2), torch.cat([state[1], v], dim=2)
+            past = k.shape[2] - t  # query i sees the cache and new keys up to itself: j <= past + i
+            allowed = torch.ones(t, k.shape[2], dtype=torch.bool, device=x.device).tril(past)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        y = self.o_proj(o.transpose(1, 2).reshape(b, t, -1))
+        return (y, (k, v)) if return_state else y

@@ -168,7 +168,8 @@ class TransnormerLM(nn.Module):
                 nn.init.normal_(m.weight, mean=0.0, std=self.cfg.init_std)
 
     def forward(self, input_ids, position_offset: int = 0, states=None, return_states: bool = False):
-        """states: optional list (one fp32 (B, H, Dk, Dv) per layer) to continue from, e.g. when decoding."""
+        """states: optional list, one per layer, to continue from (e.g. when decoding): a lightning layer's fp32
+        (B, H, Dk, Dv) state, a hybrid softmax layer's (k, v) cache."""
         x = self.embed_tokens(input_ids) * self.embed_scale if self.embed_tokens is not None else input_ids
         new_states = []
         for i, (name, layer) in enumerate(self.layers.items()):

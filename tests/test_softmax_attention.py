@@ -76,8 +76,17 @@ def test_softmax_mixer_matches_direct_recomputation():
                                   for s in range(t + 1)])
             o[t, sl] = torch.softmax(scores, 0) @ v[: t + 1, sl]
     torch.testing.assert_close(got[0], o @ mixer.o_proj.weight.T)
-    with pytest.raises(NotImplementedError, match="no recurrent state"):
-        mixer(x, return_state=True)
+    y, (k_cache, v_cache) = mixer(x, position_offset=offset, return_state=True)  # the key/value cache
+    torch.testing.assert_close(y, got)
+    assert k_cache.shape == v_cache.shape == (1, mixer.heads, 5, hd)
+
+    class Sharded:  # any non-local strategy (a distributed one): a cache makes no sense there
+        def __call__(self, *a, **k):
+            raise AssertionError("not called")
+
+    mixer.attn_op = Sharded()
+    with pytest.raises(NotImplementedError, match="not under sequence parallelism"):
+        mixer(x[:, -1:], position_offset=offset + 5, state=(k_cache, v_cache))
 
 
 def test_attention_pattern_validation():
