@@ -6,7 +6,7 @@ The interface (duck-typed, so a test oracle can stand in for a network):
     logits_chunks(ids: (B, T) int64) -> iterator of (start, logits (B, c, V) float32), chunks in order covering T
     generate(ids: (B, T) int64, max_new_tokens: int, eos_id: int | None = None) -> (B, n) int64, new tokens only
 
-`ModelRunner` wraps one of our networks. TNL runs long inputs in chunks of `chunk_size` tokens, carrying each
+`ModelRunner` wraps one of our networks. TNL (and its hybrids) runs long inputs in chunks of `chunk_size` tokens, carrying each
 layer's fp32 recurrent state (and the global position for LRPE), so a 16x-training-length prompt never holds a
 (T, V) logits tensor; the softmax baseline has no state and runs the whole input at once.
 """
