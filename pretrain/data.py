@@ -51,6 +51,10 @@ def check_sharedllm_data(cfg: Config) -> None:
     must leave running text that the cp ranks can split evenly, and the n chunks must split over cp."""
     m, d, cp = cfg.model, cfg.data, cfg.parallel.cp
     n, c = m.sharedllm_context_chunks, m.sharedllm_chunk
+    if m.sharedllm_select != "right":
+        raise ValueError(f"model.sharedllm_select={m.sharedllm_select!r} needs a query per example (instruction or QA "
+                         f"data); language-model pretraining on the corpus expands the half nearest the running "
+                         f"text: set model.sharedllm_select=right")
     lengths = [d.seq_len] if d.loader == "concat" else [1 << i for i in range(d.min_log2, d.max_log2 + 1)]
     field = "data.seq_len" if d.loader == "concat" else "2^data.min_log2"
     short = min(lengths)

@@ -266,6 +266,8 @@ def test_sharedllm_layouts_and_lengths_refused_clearly():
         load_config(None, base + ["--parallel.pp=4"])
     with pytest.raises(ConfigError, match="sequence_parallel is not supported"):
         load_config(None, base + ["--parallel.tp=2", "--parallel.sequence_parallel=true"])
+    with pytest.raises(ConfigError, match="needs a query per example.*set model.sharedllm_select=right"):
+        load_config(None, base + ["--model.sharedllm_select=query"])
 
 
 def test_sharedllm_batch_shares_context_and_text_over_cp():
