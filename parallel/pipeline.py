@@ -8,7 +8,7 @@ Stages. The L layers are cut into n = pp·v contiguous stages (v = 2 virtual sta
 interleaved schedule, else 1); rank p holds stages p, p+pp, ... (the looped layout of Interleaved1F1B).
 A stage module is a view of the model (same class, same forward, same parameter objects) keeping only its
 layers, with their global names ("layers.5...."), so state dicts stay layout-independent (torchtitan's
-convention): the first stage keeps `embed_tokens`, the last keeps `final_norm` and `lm_head`, the others set
+convention; with interleaved stages `runner.module` is one such view over all of the rank's layers): the first stage keeps `embed_tokens`, the last keeps `final_norm` and `lm_head`, the others set
 them to None (the model's forward skips a None embedding/head). Drop the reference to the full model after
 building the runner so the layers this rank does not run are freed.
 
@@ -133,7 +133,11 @@ class PipelineRunner:
         self.stage_ids = [self.pp_rank + i * self.pp_size for i in range(v)]
         chunks = split_layers(list(decoder_of(model).layers.keys()), self.num_stages)
         self.stage_modules = [stage_view(model, chunks[s], s == 0, s == self.num_stages - 1) for s in self.stage_ids]
-        self.module = self.stage_modules[0] if v == 1 else nn.ModuleList(self.stage_modules)
+        # What the optimizer, grad clipping and checkpoints see: the stage itself, or (interleaved) one view over
+        # all of this rank's layers, sharing the stages' submodules, so names stay global ("layers.5....").
+        mine = [name for s in self.stage_ids for name in chunks[s]]
+        self.module = self.stage_modules[0] if v == 1 else \
+            stage_view(model, mine, 0 in self.stage_ids, self.num_stages - 1 in self.stage_ids)
         self.is_first, self.is_last = 0 in self.stage_ids, self.num_stages - 1 in self.stage_ids
         self.first_rank, self.last_rank = 0, (self.num_stages - 1) % self.pp_size
         self._tied = self._tied_parameters(model)

@@ -215,6 +215,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.heads ({cfg.model.heads}) not divisible by parallel.tp ({p.tp})")
     if cfg.model.layers % p.pp:
         raise ConfigError(f"model.layers ({cfg.model.layers}) not divisible by parallel.pp ({p.pp})")
+    if p.pp > 1 and p.pp_schedule == "interleaved" and cfg.model.layers < 2 * p.pp:
+        raise ConfigError(f"parallel.pp_schedule=interleaved runs 2 stages per pp rank: model.layers "
+                          f"({cfg.model.layers}) must be at least 2 x parallel.pp ({2 * p.pp}); use 1f1b or fewer ranks")
     if cfg.model.arch == "sharedllm":
         from pretrain.data import check_sharedllm_data
 

@@ -84,9 +84,6 @@ class Trainer:
 
             from parallel.parallelize import trainable_module
 
-            if cfg.parallel.pp > 1 and cfg.parallel.pp_schedule == "interleaved":
-                raise NotImplementedError("the trainer runs parallel.pp_schedule=1f1b or gpipe; interleaved stages "
-                                          "run in parallel.parallelize/TrainStep but their checkpoints are not wired")
             # Under pp, `parallelized` is a PipelineRunner; its stage module keeps the global parameter names,
             # so optimizer, checkpoints and grad clipping all work on this rank's stage.
             self.parallelized = parallelize(self.model, self.env.mesh, cfg)

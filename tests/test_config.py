@@ -33,6 +33,7 @@ def test_every_shipped_config_loads():
     (["--parallel.tp=8"], ["model.heads (4) not divisible by parallel.tp (8)"]),
     (["--data.tokens_per_step=1000"], ["data.tokens_per_step (1000)", "512"]),
     (["--train.lr"], ["has no value"]),
+    (["--parallel.pp=4", "--parallel.pp_schedule=interleaved"], ["model.layers (4) must be at least 2 x parallel.pp (8)"]),
 ])
 def test_errors_name_the_field(override, words):
     with pytest.raises(ConfigError) as err:
