@@ -196,3 +196,22 @@ def check_cp_share(model, sharded, logits, logits_ref, loss_ref, labels, sl, tag
         dist.all_reduce(grad)  # replicated parameters: grads summed over cp
         torch.testing.assert_close(grad, ref[name].grad, atol=1e-4, rtol=1e-4, msg=lambda m: f"{tag} {name}: {m}")
     return float(total)
+
+
+def cp_share_parity(model, sharded, vocab: int, rank: int, world: int, B: int, T: int, tag: str = "") -> float:
+    """A cp-sharded copy of `model` (its token mixers replaced) on this rank's contiguous chunk of a seeded batch
+    vs the unsharded model on the whole batch: `check_cp_share`'s assertions. Returns the global loss."""
+    import torch.nn.functional as F
+
+    from parallel.lasp import cp_position_offset
+
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, vocab, (B, T), generator=g)
+    labels = torch.randint(0, vocab, (B, T), generator=g)
+    logits_ref = model(ids)
+    loss_ref = F.cross_entropy(logits_ref.flatten(0, 1), labels.flatten())
+    loss_ref.backward()
+    C = T // world
+    sl = slice(rank * C, (rank + 1) * C)
+    logits = sharded(ids[:, sl], position_offset=cp_position_offset(rank, C))
+    return check_cp_share(model, sharded, logits, logits_ref, loss_ref, labels, sl, tag)

@@ -140,24 +140,28 @@ def test_tnl_logits_match_transformers(tnl_export):
         torch.testing.assert_close(torch.cat([first.logits, second.logits], 1), model(ids), atol=1e-5, rtol=1e-5)
 
 
-def test_generate_matches_our_greedy_decoding(tnl_export):
-    model, hf_dir = tnl_export
+@pytest.mark.parametrize("export", ["tnl_export", "hybrid_export"])
+def test_generate_matches_our_greedy_decoding(export, request):
+    """Cached generate() (lightning states; a hybrid's S layers: key/value caches) equals our greedy decoding."""
+    model, hf_dir = request.getfixturevalue(export)
     hf = load_hf(hf_dir)
     lengths = []
     hook = hf.model.register_forward_pre_hook(lambda m, a, kw: lengths.append(kw["input_ids"].shape[1]),
                                               with_kwargs=True)
     prompt = torch.randint(4, 128, (1, 9))
-    theirs = hf.generate(prompt, max_new_tokens=10, do_sample=False)
+    theirs = hf.generate(prompt, max_new_tokens=12, do_sample=False)
     hook.remove()
-    ours = greedy_generate(model, prompt, 10, eos_id=2)
+    ours = greedy_generate(model, prompt, 12, eos_id=2)
     assert theirs.tolist() == ours.tolist()
     assert len(set(ours[0, 9:].tolist())) > 1  # the check is not vacuous
-    assert lengths[0] == 9 and set(lengths[1:]) == {1}  # the prompt once, then one token per step from the state
+    assert lengths[0] == 9 and set(lengths[1:]) == {1}  # the prompt once, then one token per step from the cache
 
 
-def test_generate_left_padded_batch(tnl_export):
-    """A left-padded row decodes like the same prompt alone (padded k, v are zeroed; LRPE is relative)."""
-    model, hf_dir = tnl_export
+@pytest.mark.parametrize("export", ["tnl_export", "hybrid_export"])
+def test_generate_left_padded_batch(export, request):
+    """A left-padded row decodes like the same prompt alone (TNL: padded k, v are zeroed, LRPE is relative;
+    S layers: padded keys are left out of the softmax, RoPE is relative), and its logits are the prompt's."""
+    model, hf_dir = request.getfixturevalue(export)
     hf = load_hf(hf_dir)
     short, long = torch.randint(4, 128, (1, 5)), torch.randint(4, 128, (1, 8))
     batch = torch.cat([torch.cat([torch.full((1, 3), 3), short], 1), long])
@@ -166,6 +170,8 @@ def test_generate_left_padded_batch(tnl_export):
     out = hf.generate(batch, attention_mask=mask, max_new_tokens=6, do_sample=False, eos_token_id=None)
     assert out[0, 8:].tolist() == greedy_generate(model, short, 6)[0, 5:].tolist()
     assert out[1, 8:].tolist() == greedy_generate(model, long, 6)[0, 8:].tolist()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(batch, attention_mask=mask).logits[0, 3:], model(short)[0], atol=1e-4, rtol=1e-4)
 
 
 def test_hf_to_ours_to_hf_is_byte_identical(tnl_export, tmp_path):
@@ -200,17 +206,6 @@ def hybrid_export(tmp_path_factory, sp_model):
 
 
 @torch.no_grad()
-def naive_greedy(model, ids, n, eos_id=None):
-    """Greedy decoding by re-running our model on the whole sequence per token (batch of one)."""
-    assert ids.shape[0] == 1
-    for _ in range(n):
-        nxt = model(ids)[:, -1].argmax(-1)
-        ids = torch.cat([ids, nxt[:, None]], dim=1)
-        if eos_id is not None and int(nxt) == eos_id:
-            break
-    return ids
-
-
 def test_hybrid_export_layout(hybrid_export):
     _, hf = hybrid_export
     cfg = json.loads((hf / "config.json").read_text())
@@ -239,36 +234,6 @@ def test_hybrid_logits_match_transformers(hybrid_export):
         assert third.recurrent_cache.states[1][0].shape == (2, 4, 150, 8)  # S layer: keys of all 150 tokens
         torch.testing.assert_close(torch.cat([first.logits, second.logits, third.logits], 1), want,
                                    atol=1e-4, rtol=1e-4)
-
-
-def test_hybrid_generate_matches_our_greedy_decoding(hybrid_export):
-    model, hf_dir = hybrid_export
-    hf = load_hf(hf_dir)
-    lengths = []
-    hook = hf.model.register_forward_pre_hook(lambda m, a, kw: lengths.append(kw["input_ids"].shape[1]),
-                                              with_kwargs=True)
-    prompt = torch.randint(4, 128, (1, 9))
-    theirs = hf.generate(prompt, max_new_tokens=12, do_sample=False)
-    hook.remove()
-    ours = naive_greedy(model, prompt, 12, eos_id=2)
-    assert theirs.tolist() == ours.tolist()
-    assert len(set(ours[0, 9:].tolist())) > 1  # the check is not vacuous
-    assert lengths[0] == 9 and set(lengths[1:]) == {1}  # the prompt once, then one token per step from the cache
-
-
-def test_hybrid_generate_left_padded_batch(hybrid_export):
-    """A left-padded row decodes like the same prompt alone (padded keys left out of the softmax, RoPE relative)."""
-    model, hf_dir = hybrid_export
-    hf = load_hf(hf_dir)
-    short, long = torch.randint(4, 128, (1, 5)), torch.randint(4, 128, (1, 8))
-    batch = torch.cat([torch.cat([torch.full((1, 3), 3), short], 1), long])
-    mask = torch.ones_like(batch)
-    mask[0, :3] = 0
-    out = hf.generate(batch, attention_mask=mask, max_new_tokens=6, do_sample=False, eos_token_id=None)
-    assert out[0, 8:].tolist() == naive_greedy(model, short, 6)[0, 5:].tolist()
-    assert out[1, 8:].tolist() == naive_greedy(model, long, 6)[0, 8:].tolist()
-    with torch.no_grad():  # and the padded row's logits are the unpadded prompt's
-        torch.testing.assert_close(hf(batch, attention_mask=mask).logits[0, 3:], model(short)[0], atol=1e-4, rtol=1e-4)
 
 
 def test_hybrid_hf_to_ours_to_hf_is_byte_identical(hybrid_export, tmp_path):

@@ -4,15 +4,14 @@ import copy
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from model import ModelConfig, build_model
 from model.softmax_attention import SoftmaxMixer
 from model.tnl import TokenMixer
 from parallel.dist_attention import RingAttention, UlyssesAttention, apply_dist_attention
 from parallel.harness import run_distributed
-from parallel.lasp import LaspAttention, apply_lasp, cp_position_offset
-from parallel_parity import check_cp_share
+from parallel.lasp import LaspAttention, apply_lasp
+from parallel_parity import cp_share_parity
 
 
 def hybrid_cfg():
@@ -43,18 +42,7 @@ def _hybrid_parity(rank, world, impl, T=16, B=2):
     ops = [type(b.token_mixer.attn_op) for b in sharded.layers.values()]
     want = RingAttention if impl == "ring" else UlyssesAttention
     assert ops == [LaspAttention, want, LaspAttention, want], ops
-    g = torch.Generator().manual_seed(7)
-    ids = torch.randint(0, 64, (B, T), generator=g)
-    labels = torch.randint(0, 64, (B, T), generator=g)
-
-    logits_ref = model(ids)
-    loss_ref = F.cross_entropy(logits_ref.flatten(0, 1), labels.flatten())
-    loss_ref.backward()
-
-    C = T // world
-    sl = slice(rank * C, (rank + 1) * C)
-    logits = sharded(ids[:, sl], position_offset=cp_position_offset(rank, C))
-    return check_cp_share(model, sharded, logits, logits_ref, loss_ref, labels, sl, impl)
+    return cp_share_parity(model, sharded, 64, rank, world, B, T, impl)
 
 
 def _both_impls(rank, world):

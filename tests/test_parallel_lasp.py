@@ -8,13 +8,12 @@ import copy
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from model import ModelConfig, build_model
 from model.ops import lightning_attn
 from parallel.harness import run_distributed
-from parallel.lasp import LaspAttention, apply_lasp, cp_position_offset
-from parallel_parity import check_cp_share
+from parallel.lasp import LaspAttention, apply_lasp
+from parallel_parity import cp_share_parity
 
 
 def _op_case(rank, world, impl, backend, dtype, T=32, B=2, H=3, Dk=8, Dv=6):
@@ -61,18 +60,7 @@ def _model_parity(rank, world, impl, backend, T=32, B=2):
     torch.manual_seed(0)
     model = build_model(tiny_cfg(backend))
     sharded = apply_lasp(copy.deepcopy(model), dist.group.WORLD, impl)
-    g = torch.Generator().manual_seed(7)
-    ids = torch.randint(0, 96, (B, T), generator=g)
-    labels = torch.randint(0, 96, (B, T), generator=g)
-
-    logits_ref = model(ids)
-    loss_ref = F.cross_entropy(logits_ref.flatten(0, 1), labels.flatten())
-    loss_ref.backward()
-
-    C = T // world
-    sl = slice(rank * C, (rank + 1) * C)
-    logits = sharded(ids[:, sl], position_offset=cp_position_offset(rank, C))
-    return check_cp_share(model, sharded, logits, logits_ref, loss_ref, labels, sl, impl)
+    return cp_share_parity(model, sharded, 96, rank, world, B, T, impl)
 
 
 def _lasp1_matches_lasp2(rank, world, T=24):
