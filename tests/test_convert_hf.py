@@ -174,11 +174,12 @@ def test_generate_left_padded_batch(export, request):
         torch.testing.assert_close(hf(batch, attention_mask=mask).logits[0, 3:], model(short)[0], atol=1e-4, rtol=1e-4)
 
 
-def test_hf_to_ours_to_hf_is_byte_identical(tnl_export, tmp_path):
-    model, hf_dir = tnl_export
+@pytest.mark.parametrize("export", ["tnl_export", "hybrid_export"])
+def test_hf_to_ours_to_hf_is_byte_identical(export, request, tmp_path):
+    model, hf_dir = request.getfixturevalue(export)
     assert main(["--from", "hf", str(hf_dir), str(tmp_path / "ckpt")]) == 0
     cfg, state = load_model_weights(tmp_path / "ckpt")
-    assert cfg == model.cfg
+    assert cfg == model.cfg  # the hybrid's attention_pattern and rope_theta included
     ours = build_model(cfg).eval()
     ours.load_state_dict(state)
     ids = torch.randint(0, 128, (1, 40))
@@ -191,6 +192,9 @@ def test_hf_to_ours_to_hf_is_byte_identical(tnl_export, tmp_path):
         assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape
         assert a[k].numpy().tobytes() == b[k].numpy().tobytes(), k
     assert (hf_dir / "tokenizer.model").read_bytes() == (tmp_path / "hf2" / "tokenizer.model").read_bytes()
+    raw_a, raw_b = (json.loads((d / "config.json").read_text()) for d in (hf_dir, tmp_path / "hf2"))
+    for key in ("attention_pattern", "rope_theta"):
+        assert raw_b.get(key) == raw_a.get(key), key
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -234,26 +238,6 @@ def test_hybrid_logits_match_transformers(hybrid_export):
         assert third.recurrent_cache.states[1][0].shape == (2, 4, 150, 8)  # S layer: keys of all 150 tokens
         torch.testing.assert_close(torch.cat([first.logits, second.logits, third.logits], 1), want,
                                    atol=1e-4, rtol=1e-4)
-
-
-def test_hybrid_hf_to_ours_to_hf_is_byte_identical(hybrid_export, tmp_path):
-    model, hf_dir = hybrid_export
-    assert main(["--from", "hf", str(hf_dir), str(tmp_path / "ckpt")]) == 0
-    cfg, state = load_model_weights(tmp_path / "ckpt")
-    assert cfg == model.cfg and (cfg.attention_pattern, cfg.rope_theta) == ("LS", 1000.0)
-    ours = build_model(cfg).eval()
-    ours.load_state_dict(state)
-    ids = torch.randint(0, 128, (1, 40))
-    with torch.no_grad():
-        torch.testing.assert_close(ours(ids), model(ids), atol=0, rtol=0)
-    assert main(["--to", "hf", str(tmp_path / "ckpt"), str(tmp_path / "hf2")]) == 0
-    a, b = hf_tensors(hf_dir), hf_tensors(tmp_path / "hf2")
-    assert list(a) == list(b)
-    for k in a:
-        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape
-        assert a[k].numpy().tobytes() == b[k].numpy().tobytes(), k
-    raw_a, raw_b = (json.loads((d / "config.json").read_text()) for d in (hf_dir, tmp_path / "hf2"))
-    assert (raw_b["attention_pattern"], raw_b["rope_theta"]) == (raw_a["attention_pattern"], raw_a["rope_theta"])
 
 
 def test_plain_tnl_config_without_hybrid_fields_imports_as_all_lightning(tnl_export, tmp_path):
