@@ -4,7 +4,22 @@ It lives in `model/` so that models can be built without the trainer; `pretrain.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+# The numeric ranges of the model section: field -> (type, lowest value, whether the lowest itself is allowed).
+# Floats must also be finite. Checked first in validate(), so a config.json value of the wrong type ("512")
+# is refused naming the field rather than failing as a TypeError further on.
+RANGES = {
+    "vocab_size": (int, 1, True),
+    "dim": (int, 1, True),
+    "layers": (int, 1, True),
+    "heads": (int, 1, True),
+    "glu_dim": (int, 1, True),
+    "norm_eps": (float, 0.0, False),
+    "init_std": (float, 0.0, False),
+    "rope_theta": (float, 0.0, False),
+}
 
 
 @dataclass
@@ -51,9 +66,7 @@ class ModelConfig:
         """Raise ValueError naming the field when the shapes cannot work."""
         if self.arch not in ("tnl", "llama", "sharedllm"):
             raise ValueError(f"model.arch must be one of ['tnl', 'llama', 'sharedllm'], got {self.arch!r}")
-        for name in ("vocab_size", "dim", "layers", "heads", "glu_dim"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
+        self._check_ranges()
         if self.dim % self.heads:
             raise ValueError(
                 f"model.heads ({self.heads}) does not divide model.dim ({self.dim}): "
@@ -70,6 +83,19 @@ class ModelConfig:
                              f"e.g. 'LLLLLLLS', got {self.attention_pattern!r}")
         if self.arch == "sharedllm":
             self._validate_sharedllm()
+
+    def _check_ranges(self) -> None:
+        for name, (typ, low, inclusive) in RANGES.items():
+            value = getattr(self, name)
+            rule = f"{'>=' if inclusive else '>'} {low:g}"
+            kind = "an integer" if typ is int else "a finite number"
+            is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not is_number or (typ is int and not isinstance(value, int)):
+                raise ValueError(f"model.{name} must be {kind} {rule}, got {value!r} ({type(value).__name__}); "
+                                 f"write it as a bare number (no quotes) in the config or the checkpoint's config")
+            if not math.isfinite(value) or value < low or (value == low and not inclusive):
+                raise ValueError(f"model.{name} must be {kind} {rule}, got {value!r}; "
+                                 f"set --model.{name} to a value {rule}")
 
     def _validate_sharedllm(self) -> None:
         m = self.sharedllm_layers

@@ -2,12 +2,14 @@
 
     cfg = load_config("configs/tiny.yaml", ["--train.lr=3e-4", "--parallel.tp=2"])
 
-Every value is checked against its field's type; unknown keys and bad values raise ConfigError naming
-the field, the value and what is allowed.
+Every value is checked against its field's type and numeric range (RANGES, check_ranges); unknown keys and bad
+values raise ConfigError naming the field, the value, what is allowed and the fix. Malformed YAML is a
+ConfigError naming the file and the line.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,12 +51,16 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
+    # the largest global gradient norm, > 0; .inf (YAML) or --train.grad_clip=inf turns clipping off (the norm is
+    # still measured and logged). 0 and negatives are refused: 0 would zero every gradient in the single-process
+    # path while the distributed one skipped clipping, and a negative one flips the gradients' sign
     grad_clip: float = 1.0
     grad_accum: int = 1
     precision: str = "fp32"  # fp32 | bf16 (autocast; for GPUs)
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch intra-op threads on CPU; 0 leaves torch's default
     on_nan: str = "stop"  # stop (raise, naming the step; nothing poisoned is saved) | skip (drop that update)
+    max_skipped_steps: int = 10  # on_nan=skip: the run stops once more than this many updates were skipped
 
 
 @dataclass
@@ -134,7 +140,10 @@ def _coerce(path: str, value, typ):
             return list(value)
     else:
         return value
-    raise ConfigError(f"{path}: expected {getattr(typ, '__name__', typ)}, got {value!r} ({type(value).__name__})")
+    hint = ""
+    if typ in (int, float) and isinstance(value, str):
+        hint = "; write the number without quotes"
+    raise ConfigError(f"{path}: expected {getattr(typ, '__name__', typ)}, got {value!r} ({type(value).__name__}){hint}")
 
 
 def _merge(obj, updates: dict, prefix: str) -> None:
@@ -171,7 +180,11 @@ def _parse_overrides(overrides: list[str]) -> dict:
             raise ConfigError(f"override {item!r} has no value: write it as --{body}=VALUE")
         if "." not in key:
             raise ConfigError(f"override --{key}: name the section, e.g. --train.{key}=...")
-        value = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            raise ConfigError(f"override --{key}: cannot read {raw!r} as a YAML value; quote it or close its "
+                              f"brackets, e.g. --{key}=[0,1]") from None
         node = out
         parts = key.split(".")
         for p in parts[:-1]:
@@ -181,7 +194,84 @@ def _parse_overrides(overrides: list[str]) -> dict:
     return out
 
 
+@dataclass(frozen=True)
+class Range:
+    """Allowed values of one numeric field: low..high, each end open or closed; floats finite unless allow_inf."""
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+    allow_inf: bool = False  # +inf is a meaningful value (train.grad_clip: no clipping)
+    note: str = ""  # what the field is, shown with the fix
+
+    def describe(self) -> str:
+        if self.high == math.inf:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+    def admits(self, value) -> bool:
+        if value == math.inf and self.allow_inf:
+            return self.high == math.inf
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+
+# The numeric ranges of the schema (the model section keeps its own, in model.config.RANGES). Every float field,
+# listed here or not, must be finite: NaN and infinities are refused everywhere except where allow_inf says so.
+RANGES = {
+    "train.lr": Range(0, low_open=True, note="the peak learning rate"),
+    "train.min_lr_ratio": Range(0, 1, note="the final learning rate as a fraction of train.lr"),
+    "train.warmup_steps": Range(0),
+    "train.weight_decay": Range(0),
+    "train.beta1": Range(0, 1, high_open=True, note="AdamW's first-moment decay"),
+    "train.beta2": Range(0, 1, high_open=True, note="AdamW's second-moment decay"),
+    "train.eps": Range(0, low_open=True, note="AdamW's denominator term"),
+    "train.grad_clip": Range(0, low_open=True, allow_inf=True,
+                             note="the largest global gradient norm; --train.grad_clip=inf turns clipping off"),
+    "train.threads": Range(0, note="0 leaves torch's default"),
+    "train.max_skipped_steps": Range(0, note="with train.on_nan=skip, the run stops after more skipped updates"),
+    "data.workers": Range(0),
+    "checkpoint.every": Range(0, note="0 saves only at the end"),
+    "checkpoint.keep_last": Range(1),
+}
+
+
+def check_ranges(cfg: Config) -> None:
+    """Refuse a value outside its field's range (RANGES) and any non-finite float, naming field, value and fix."""
+    for section in dataclasses.fields(cfg):
+        obj = getattr(cfg, section.name)
+        for f in dataclasses.fields(obj):
+            path, value = f"{section.name}.{f.name}", getattr(obj, f.name)
+            rule = RANGES.get(path)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                if rule is not None:
+                    raise ConfigError(f"{path} must be a number {rule.describe()}, got {value!r} "
+                                      f"({type(value).__name__}); set --{path} to a value {rule.describe()}")
+                continue
+            if rule is None:
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise ConfigError(f"{path} must be a finite number, got {value}; set --{path} to a finite value")
+                continue
+            if not rule.admits(value):
+                what = f" ({rule.note})" if rule.note else ""
+                raise ConfigError(f"{path} must be {rule.describe()}{what}, got {value!r}; "
+                                  f"set --{path} to a value {rule.describe()}")
+
+
+def check_pipeline(cfg: Config) -> None:
+    """A pipeline of pp stages needs at least pp micro-batches per step (torch's 1F1B refuses fewer, but only
+    after the model is built; GPipe and interleaved would leave stages idle)."""
+    p = cfg.parallel
+    if p.pp > 1 and p.microbatches < p.pp:
+        raise ConfigError(f"parallel.microbatches ({p.microbatches}) must be >= parallel.pp ({p.pp}): a {p.pp}-stage "
+                          f"pipeline needs at least one micro-batch per stage; set --parallel.microbatches={p.pp}")
+
+
 def validate(cfg: Config) -> None:
+    check_ranges(cfg)
     try:
         cfg.model.validate()
     except ValueError as e:
@@ -234,6 +324,22 @@ def validate(cfg: Config) -> None:
                               "attention reads the unsharded sequence); set parallel.sequence_parallel=false")
         if p.tp > 1 and cfg.model.sharedllm_lower != "shared":
             raise ConfigError("tensor parallelism for model.arch=sharedllm needs model.sharedllm_lower=shared")
+    check_pipeline(cfg)
+
+
+def _read_yaml(path: Path):
+    """The YAML document in path; malformed YAML (or a file that is not text) is a ConfigError naming file and line."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text ({e.reason} at byte {e.start}); "
+                          f"pass a YAML file such as configs/tiny.yaml") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML{where}: {problem}; fix that line "
+                          f"(indentation, a missing ':' or an unclosed quote or bracket)") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -242,7 +348,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} not found (the configs/ folder has the shipped ones)")
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = _read_yaml(path) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections {list(Config.__dataclass_fields__)}")
         _merge(cfg, raw, "")

@@ -66,3 +66,44 @@ def test_cli_bad_config_exits_nonzero():
     assert res.returncode == 2 and "model.heads (3)" in res.stderr
     res = subprocess.run([sys.executable, "-m", "pretrain.cli", "fly"], capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 2 and "unknown verb 'fly'" in res.stderr
+
+
+@pytest.mark.parametrize("override, words", [
+    (["--train.grad_clip=0"], ["train.grad_clip must be > 0", "--train.grad_clip=inf"]),
+    (["--train.beta1=1"], ["train.beta1 must be in [0, 1)", "got 1.0"]),
+    (["--train.min_lr_ratio=-0.5"], ["train.min_lr_ratio must be in [0, 1]"]),
+    (["--train.eps=nan"], ["train.eps must be > 0", "nan"]),
+    (["--model.init_std=-0.02"], ["model.init_std must be a finite number > 0", "-0.02"]),
+    (["--data.tokens_per_step=.inf"], ["data.tokens_per_step: expected int"]),
+    (["--parallel.pp=4", "--parallel.microbatches=3"], ["parallel.microbatches (3) must be >= parallel.pp (4)",
+                                                        "--parallel.microbatches=4"]),
+])
+def test_ranges_name_field_range_and_fix(override, words):
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, override)
+    for w in words:
+        assert w in str(err.value)
+
+
+def test_range_edges_that_are_allowed():
+    cfg = load_config(TINY, ["--train.grad_clip=inf", "--train.min_lr_ratio=0", "--train.beta1=0",
+                             "--train.weight_decay=0", "--train.max_skipped_steps=0", "--checkpoint.keep_last=1",
+                             "--parallel.pp=2", "--parallel.microbatches=2"])
+    assert cfg.train.grad_clip == float("inf") and cfg.train.max_skipped_steps == 0
+
+
+def test_string_numbers_in_a_saved_config_name_the_field():
+    from model.config import ModelConfig
+    from pretrain.config import from_dict
+
+    with pytest.raises(ConfigError, match=r"model.vocab_size: expected int, got '512'"):
+        from_dict({"model": {"vocab_size": "512"}})
+    with pytest.raises(ValueError, match=r"model.vocab_size must be an integer >= 1, got '512' \(str\)"):
+        ModelConfig(vocab_size="512").validate()  # what a checkpoint's config.json builds directly
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  dim: 64\n  layers: [2\ntrain:\n  lr: 1\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml' is not valid YAML at line \d+"):
+        load_config(bad)
