@@ -151,8 +151,61 @@ def write_outputs(results: dict, out_dir: Path) -> list[Path]:
     return written
 
 
+# numeric arguments: attribute -> (lowest allowed, whether the lowest itself is allowed); None (not given) passes
+_ARG_RANGES = {
+    "train_len": (1, True), "max_length": (1, True), "ppl_tokens": (1, True),
+    "depths": (1, True), "passkey_trials": (1, True), "mqar_examples": (1, True), "mqar_seq_len": (1, True),
+    "mqar_kv": (1, True), "chunk_size": (1, True), "tokens_per_batch": (1, True), "threads": (0, True),
+    "mqar_steps": (1, True), "mqar_seconds": (0.0, False), "ppl_lengths": (1, True), "lengths": (1, True),
+}
+
+
+def _check_args(args) -> None:
+    """Refuse a numeric argument out of range, or a device this machine lacks, before any model is loaded."""
+    import math
+    import os
+
+    for name, (low, inclusive) in _ARG_RANGES.items():
+        value = getattr(args, name)
+        flag = "--" + name.replace("_", "-")
+        rule = f"{'>=' if inclusive else '>'} {low:g}"
+        for v in value if isinstance(value, list) else [value]:
+            if v is not None and (not math.isfinite(v) or v < low or (v == low and not inclusive)):
+                raise ValueError(f"{flag} must be {rule}, got {v}; pass {flag} with a value {rule}")
+        if isinstance(value, list) and not value:
+            raise ValueError(f"{flag} is empty; pass comma-separated lengths, e.g. {flag} 1024,4096")
+    if not 0 < args.stride_frac <= 1:  # NaN fails too
+        raise ValueError(f"--stride-frac must be in (0, 1] (the window stride as a fraction of its length), "
+                         f"got {args.stride_frac}; e.g. --stride-frac 0.5")
+    if args.path and not Path(args.path).exists():
+        raise FileNotFoundError(f"{args.path}: no such run folder, checkpoint folder or Hugging Face export; "
+                                f"pass an existing PATH (a run's train.out_dir)")
+    import torch
+
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise ValueError(f"--device {args.device!r} is not a device torch knows; use cpu or cuda") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {args.device}: no CUDA GPU is visible to this process "
+                             f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
+                             f"use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"--device {args.device}: only {count} GPU(s) are visible (cuda:0..cuda:{count - 1})")
+
+
 def main(argv=None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    """`lightspan eval` / `python -m evaluation`: inside the CLI error boundary (pretrain.errors.run_cli)."""
+    from pretrain.errors import run_cli
+
+    return run_cli(_main, argv)
+
+
+def _main(argv) -> int:
+    args = parse_args(argv)
+    _check_args(args)
     import torch
 
     if args.train_mqar:

@@ -1,10 +1,16 @@
-"""The one entry point: `lightspan <verb>` with verbs prepare, data, train, convert, eval, bench."""
+"""The one entry point: `lightspan <verb>` with verbs prepare, data, train, convert, eval, bench.
+
+Every verb runs inside one error boundary (pretrain.errors.run_cli): a bad config, a missing file or a full disk
+is one line `error: ...` on stderr with exit status 2; `--debug` anywhere on the line shows the traceback.
+"""
 from __future__ import annotations
 
 import importlib
 import sys
 
-USAGE = """usage: lightspan <verb> [args]
+from pretrain.errors import run_cli
+
+USAGE = """usage: lightspan [--debug] <verb> [args]
 
 verbs:
   prepare   tokenize a corpus into token shards (--config FILE, or --source/--out)
@@ -13,6 +19,8 @@ verbs:
   convert   checkpoint <-> Hugging Face conversion
   eval      long-context evaluation
   bench     benchmarks: `lightspan bench {lightning,loader,lasp,attention,quality}`
+
+--debug (anywhere, or LIGHTSPAN_DEBUG=1): show the traceback of an error instead of its one-line message
 """
 
 BENCHES = ("lightning", "loader", "lasp", "attention", "quality")
@@ -20,16 +28,12 @@ BENCHES = ("lightning", "loader", "lasp", "attention", "quality")
 
 def _prepare(argv) -> int:
     if "--config" in " ".join(argv):
-        from pretrain.config import ConfigError, load_config
+        from pretrain.config import load_config
         from pretrain.data import ensure_prepared
         from pretrain.train import parse_args
 
         args, overrides = parse_args(argv)
-        try:
-            cfg = load_config(args.config, overrides)
-        except ConfigError as e:
-            print(f"config error: {e}", file=sys.stderr)
-            return 2
+        cfg = load_config(args.config, overrides)  # a ConfigError is reported by the boundary (run_cli)
         out = ensure_prepared(cfg)
         print(f"prepared data: {out.resolve()}")
         return 0
@@ -66,17 +70,23 @@ def _eval(argv) -> int:
     return eval_main(argv)
 
 
+def _train(argv) -> int:
+    from pretrain.train import main as train_main
+
+    return train_main(argv)
+
+
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """`lightspan [--debug] <verb> [args]`: the verb's exit status; known errors are one line (see pretrain.errors)."""
+    return run_cli(_dispatch, argv)
+
+
+def _dispatch(argv) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
     verb, rest = argv[0], argv[1:]
-    if verb == "train":
-        from pretrain.train import main as train_main
-
-        return train_main(rest)
-    verbs = {"prepare": _prepare, "data": _data, "bench": _bench,
+    verbs = {"prepare": _prepare, "data": _data, "train": _train, "bench": _bench,
              "convert": _convert, "eval": _eval}
     if verb not in verbs:
         print(f"unknown verb {verb!r}\n{USAGE}", file=sys.stderr)
