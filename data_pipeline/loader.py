@@ -26,8 +26,9 @@ def build_loader(
     dp_size: int = 1,
     cp_rank: int = 0,
     cp_size: int = 1,
-    verify: str = "size",
+    verify: str = "lazy",
     tokenizer: str | Path | Tokenizer | None = None,
+    vocab_size: int | None = None,
 ) -> DDLoader | ConcatLoader:
     """A stateful, dp/cp-sharded, infinite batch iterator over a prepared corpus.
 
@@ -36,15 +37,24 @@ def build_loader(
     kind "concat": packed fixed-length windows of ``seq_len`` (default 2^max_log2).
     tokens_per_step: GLOBAL tokens per step (all dp ranks together); must be divisible by
         seq_len (dd: 2^max_log2) x dp_size.
-    verify: "size" (default, cheap), "sha256" (hash every file) or "none"; see ``TokenStore``.
+    verify: "lazy" (default: sizes at open, the document index and tokenizer hashed at open, each shard hashed
+        against the manifest on its first read), "size", "sha256" (hash every file at open) or "none"; see
+        ``TokenStore``. Measured on the embedded stdlib corpus at vocabulary 2048 (11.7M tokens, one 23.4 MB
+        shard), warm page cache: build_loader + first DD batch takes ~2.3 ms with "size", ~20 ms with "lazy"
+        (the shard is hashed on that batch, ~16 ms); "sha256" pays the same at open. A full shard of the default
+        2^28 tokens (512 MB) costs ~0.35 s of hashing on its first read.
     tokenizer: if given, must be the tokenizer the corpus was prepared with (else a clear error).
+    vocab_size: the model's vocabulary; if given, every shard's largest token id is checked against it (and the
+        tokenizer's vocabulary) at open, and a corpus with ids the model cannot embed is refused with
+        ``CorruptCorpusError`` naming the shard. One ``np.max`` per shard: ~1 ms more on the stdlib corpus
+        (warm page cache).
     Each batch: ``input_ids``/``labels`` (b, T/cp_size) int64, ``seq_len`` T, ``bucket``, ``position_offset``,
     ``starts``, ``epoch``, ``step``.
     """
     sha = None
     if tokenizer is not None:
         sha = (tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)).sha256
-    store = TokenStore(prepared_dir, verify=verify, tokenizer_sha256=sha)
+    store = TokenStore(prepared_dir, verify=verify, tokenizer_sha256=sha, vocab_size=vocab_size)
     if kind == "dd":
         return DDLoader(store, tokens_per_step, min_log2, max_log2, curriculum, cycles, seed,
                         dp_rank, dp_size, cp_rank, cp_size)
