@@ -8,7 +8,14 @@ A source is opened from one string:
   ``datasets`` (the ``text_field`` column, ``"text"`` by default; a ``.txt`` file is one document).
 - a Megatron indexed dataset (``prefix.bin`` + ``prefix.idx``, given as the prefix, either file, or
   ``"megatron:PREFIX"``): already tokenized, so it yields token arrays instead of text.
-- anything else is taken as a Hugging Face hub dataset name (``"name"`` or ``"name:config"``), which needs a network.
+- anything else is taken as a Hugging Face hub dataset name (``"name"``, ``"owner/name"``, ``"name:config"``),
+  which needs a network. A spec that can only be a path (it starts with ``/``, ``.`` or ``~``, has more than one
+  ``/`` or a backslash, ends in a file suffix such as ``.jsonl``, or its folder part exists here) and does not exist
+  is refused with "no such file", never sent to the hub.
+
+Input that cannot be read is refused with one sentence naming the file and the fix (``SourceError``, a
+``ValueError``): an empty file, bytes that are not UTF-8 (with the line and byte offset of the first), a JSON line
+that does not parse (with its line number), a missing or non-text column, a source that yields no documents.
 
 Every source reports ``describe()`` (recorded in the manifest) and ``fingerprint()`` (what decides whether a
 re-run of ``prepare`` has anything to do).
@@ -26,6 +33,21 @@ from typing import Iterator
 
 import numpy as np
 
+class SourceError(ValueError):
+    """A source that exists but cannot be used: empty, not UTF-8, not valid JSON, no such column, no documents."""
+
+
+class MissingColumnError(SourceError, KeyError):
+    """The text column is not in the source's rows (a ``KeyError`` too, for callers that catch that)."""
+
+    def __str__(self) -> str:  # KeyError would quote the whole message
+        return str(self.args[0]) if self.args else ""
+
+
+class NoSuchSourceError(FileNotFoundError):
+    """A source spec naming no existing file or folder (and, for a hub name, no reachable hub dataset)."""
+
+
 # datasets builder name for each file extension we accept.
 _FILE_BUILDERS = {
     ".jsonl": "json",
@@ -35,6 +57,11 @@ _FILE_BUILDERS = {
     ".text": "text",
     ".md": "text",
 }
+
+
+# suffixes that mark a spec as a file path (never a hub dataset name)
+_PATH_SUFFIXES = set(_FILE_BUILDERS) | {".bin", ".idx", ".gz", ".zst", ".bz2", ".xz", ".csv", ".tsv", ".arrow",
+                                        ".jsonl.gz", ".model"}
 
 
 def stdlib_files() -> list[Path]:
@@ -92,12 +119,20 @@ class TextSource:
         return len(self.files) if self.max_documents is None else min(len(self.files), self.max_documents)
 
     def texts(self) -> Iterator[str]:
+        """The documents' texts in order. Raises ``SourceError`` if there are none at all."""
         n = 0
         for text in self._all_texts():
             if self.max_documents is not None and n >= self.max_documents:
                 return
             n += 1
             yield text
+        if n == 0 and self.max_documents != 0:
+            where = ", ".join(str(f) for f in self.files[:3]) + (" ..." if len(self.files) > 3 else "")
+            raise SourceError(
+                f"source {self.spec!r} yielded no documents: "
+                + (f"no row of {where} has a non-empty {self.text_field!r} value" if self.files else "it is empty")
+                + f"; check the file(s), or pass --text-field with the column that holds the text"
+            )
 
     def _all_texts(self) -> Iterator[str]:
         if self.kind == "stdlib":
@@ -105,33 +140,134 @@ class TextSource:
                 # a few stdlib test files are deliberately not UTF-8; keep them, replacing bad bytes
                 yield f.read_bytes().decode("utf-8", errors="replace")
             return
-        for ds in self._hf_datasets():
-            for row in ds:
-                if self.text_field not in row:
-                    raise KeyError(
-                        f"source {self.spec!r} has no column {self.text_field!r} (columns: {sorted(row)}); "
-                        f"pass --text-field with one of them"
-                    )
-                text = row[self.text_field]
-                if text:
-                    yield text
+        row_number = 0
+        for builder, files in self._groups():
+            try:
+                for row in self._hf_dataset(builder, files):
+                    row_number += 1
+                    text = self._text_of(row, row_number, files)
+                    if text:
+                        yield text
+            except SourceError:
+                raise
+            except UnicodeDecodeError as e:
+                raise self._not_utf8(files, e) from None
+            except (ValueError, TypeError) as e:  # pyarrow's ArrowInvalid (a JSON parse error) is a ValueError
+                if self.kind == "hub":
+                    raise
+                raise self._unparsable(files, e) from None
 
-    def _hf_datasets(self):
-        import datasets
+    def _text_of(self, row, row_number: int, files: list[str]):
+        where = files[0] if len(files) == 1 else f"source {self.spec!r}"
+        if not isinstance(row, dict) or self.text_field not in row:
+            columns = sorted(row) if isinstance(row, dict) else type(row).__name__
+            raise MissingColumnError(
+                f"{where}: row {row_number} has no column {self.text_field!r} (columns: {columns}); "
+                f"pass --text-field with one of them"
+            )
+        text = row[self.text_field]
+        if text is not None and not isinstance(text, str):
+            raise SourceError(
+                f"{where}: row {row_number} has a value of type {type(text).__name__} ({str(text)[:40]!r}) in "
+                f"column {self.text_field!r}, not text; pass --text-field with the column that holds the text"
+            )
+        return text
 
-        datasets.disable_progress_bars()
+    def _groups(self) -> list[tuple[str, list[str]]]:
+        """(datasets builder, files) in order: one load per builder type so a folder may mix jsonl and parquet;
+        files keep their sorted order. A hub source is one group with no files."""
         if self.kind == "hub":
-            name, _, config = self.spec.partition(":")
-            yield datasets.load_dataset(name, config or None, split=self.split, streaming=True)
-            return
-        # streaming: one pass, no Arrow cache to build, nothing downloaded ahead of use.
-        # One load per builder type so a folder may mix jsonl and parquet; files keep their sorted order.
+            return [("hub", [])]
         by_builder: dict[str, list[str]] = {}
         for f in self.files:
             by_builder.setdefault(_FILE_BUILDERS[f.suffix.lower()], []).append(str(f))
-        for builder, files in by_builder.items():
-            kwargs = {"sample_by": "document"} if builder == "text" else {}
-            yield datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **kwargs)
+        return list(by_builder.items())
+
+    def _hf_dataset(self, builder: str, files: list[str]):
+        import datasets
+
+        datasets.disable_progress_bars()
+        # streaming: one pass, no Arrow cache to build, nothing downloaded ahead of use.
+        if builder == "hub":
+            name, _, config = self.spec.partition(":")
+            try:
+                return datasets.load_dataset(name, config or None, split=self.split, streaming=True)
+            except Exception as e:  # noqa: BLE001 - any failure here means: not a usable hub dataset
+                raise NoSuchSourceError(
+                    f"source {self.spec!r}: no such local file or folder, and loading it as a Hugging Face hub "
+                    f"dataset failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); check the "
+                    f"path, or the dataset name and the network"
+                ) from None
+        kwargs = {"sample_by": "document"} if builder == "text" else {}
+        return datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **kwargs)
+
+    def _not_utf8(self, files: list[str], error: UnicodeDecodeError) -> SourceError:
+        for f in files:
+            bad = first_invalid_utf8(Path(f))
+            if bad is not None:
+                offset, line, byte = bad
+                return SourceError(
+                    f"{f} is not valid UTF-8: byte 0x{byte:02x} at line {line} (byte offset {offset}); "
+                    f"re-encode the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`) or remove that line"
+                )
+        return SourceError(f"source {self.spec!r} ({', '.join(files)}) is not valid UTF-8 ({error}); "
+                           f"re-encode it as UTF-8")
+
+    def _unparsable(self, files: list[str], error: Exception) -> SourceError:
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        for f in files:
+            bad = first_invalid_json_line(Path(f))
+            if bad is not None:
+                line, reason = bad
+                return SourceError(f"{f}: line {line} is not valid JSON ({reason}); fix or remove that line")
+        return SourceError(f"source {self.spec!r} ({', '.join(files)}) cannot be read ({first}); check the files")
+
+
+def first_invalid_utf8(path: Path, block: int = 1 << 20) -> tuple[int, int, int] | None:
+    """(byte offset, line number from 1, the byte) of the first byte of ``path`` that is not valid UTF-8, or
+    None. Streams the file in blocks (a character cut by a block end is carried over)."""
+    offset, line, carry = 0, 1, b""
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(block)
+            data = carry + chunk
+            if not data:
+                return None
+            try:
+                data.decode("utf-8")
+                good, carry = len(data), b""
+            except UnicodeDecodeError as e:
+                if chunk and e.reason == "unexpected end of data" and e.start >= len(data) - 3:
+                    good, carry = e.start, data[e.start:]  # a character cut by the block end: read on
+                else:
+                    return offset + e.start, line + data.count(b"\n", 0, e.start), data[e.start]
+            line += data.count(b"\n", 0, good)
+            offset += good
+            if not chunk:
+                return None
+
+
+def first_invalid_json_line(path: Path) -> tuple[int, str] | None:
+    """(line number from 1, parser message) of the first non-blank line of a JSON-lines file that does not parse
+    as JSON, or None (for a ``.json`` file: the whole file's parse error)."""
+    import json
+
+    if path.suffix.lower() == ".json":
+        try:
+            json.loads(path.read_bytes())
+            return None
+        except ValueError as e:
+            return getattr(e, "lineno", 1), str(e)
+    if path.suffix.lower() != ".jsonl":
+        return None
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if raw.strip():
+                try:
+                    json.loads(raw)
+                except ValueError as e:
+                    return n, str(e)
+    return None
 
 
 @dataclass
@@ -190,18 +326,61 @@ def open_source(
             if not os.path.exists(prefix + suffix):
                 raise FileNotFoundError(f"Megatron corpus {spec!r}: {prefix + suffix} is missing")
         return MegatronSource(spec, prefix, max_documents)
-    path = Path(spec)
+    path = Path(spec).expanduser()
     if path.is_file():
         if path.suffix.lower() not in _FILE_BUILDERS:
             raise ValueError(
                 f"{path}: unknown file type {path.suffix!r}; accepted: {sorted(_FILE_BUILDERS)} or a Megatron .bin/.idx"
             )
+        if _is_blank(path):
+            raise SourceError(f"{path} is empty ({path.stat().st_size} bytes, no documents): nothing to prepare; "
+                              f"check that it was written completely, or pass another --source")
         return TextSource(spec, "files", [path], text_field, split, max_documents)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _FILE_BUILDERS)
         if not files:
             raise FileNotFoundError(f"folder {path} holds no {sorted(_FILE_BUILDERS)} files")
+        blank = [f for f in files if _is_blank(f)]
+        if blank:
+            names = ", ".join(str(f) for f in blank[:3]) + (f" and {len(blank) - 3} more" if len(blank) > 3 else "")
+            raise SourceError(f"folder {path} holds empty file(s): {names}; remove them (or finish writing them) "
+                              f"and run again")
         return TextSource(spec, "files", files, text_field, split, max_documents)
-    if spec.startswith(("/", ".", "~")):  # hub names look like "owner/name", never like these
-        raise FileNotFoundError(f"source {spec!r} looks like a path but does not exist")
+    if _looks_like_path(spec):
+        raise NoSuchSourceError(f"source {spec!r}: no such file or folder ({path.resolve()} does not exist)"
+                                f"{_did_you_mean(path)}; check the path given as --source / data.source")
     return TextSource(spec, "hub", [], text_field, split, max_documents)
+
+
+def _is_blank(path: Path) -> bool:
+    """An empty file, or one of whitespace only (checked for small files; a big file is not blank)."""
+    size = path.stat().st_size
+    return size == 0 or (size < 1 << 16 and not path.read_bytes().strip())
+
+
+def _looks_like_path(spec: str) -> bool:
+    """True for a spec that cannot be a hub dataset name ("name", "owner/name", either with ":config")."""
+    if spec.startswith(("/", ".", "~")) or "\\" in spec or os.sep != "/" and os.sep in spec:
+        return True
+    name = spec.split(":", 1)[0]
+    if name.count("/") > 1:
+        return True
+    lower = name.lower()
+    if any(lower.endswith(suffix) for suffix in _PATH_SUFFIXES):
+        return True
+    parent = Path(name).parent
+    return str(parent) != "." and parent.is_dir()  # "data/x": "data" is a folder here, so this is a path
+
+
+def _did_you_mean(path: Path) -> str:
+    import difflib
+
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        return f" ({parent} does not exist either)"
+    try:
+        names = [p.name for p in parent.iterdir()]
+    except OSError:
+        return ""
+    close = difflib.get_close_matches(path.name, names, n=1)
+    return f"; did you mean {str(parent / close[0])!r}?" if close else ""

@@ -33,7 +33,11 @@ class Tokenizer:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer model {path} does not exist")
-        return cls(path.read_bytes(), str(path))
+        try:
+            return cls(path.read_bytes(), str(path))
+        except RuntimeError as e:  # sentencepiece's parse error: a C++ source line, no file name
+            raise ValueError(f"{path} is not a sentencepiece model (it does not parse: {str(e).strip()[:80]}); "
+                             f"give the .model file written by sentencepiece or by `lightspan prepare`") from None
 
     @property
     def vocab_size(self) -> int:
@@ -130,6 +134,10 @@ def train_tokenizer(
     lines = _sample_lines(texts, sample_bytes, seed)
     if not lines:
         raise ValueError("cannot train a tokenizer: the source yielded no text")
+    if len(lines) <= 100:  # sentencepiece's own limit, reported as a C++ check otherwise
+        raise ValueError(f"cannot train a tokenizer on {len(lines)} non-blank lines of text (sentencepiece needs "
+                         f"more than 100): use a bigger source, or pass an existing tokenizer (--tokenizer / "
+                         f"data.tokenizer)")
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
