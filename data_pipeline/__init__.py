@@ -5,10 +5,16 @@ Public API::
     prepare(source, out_dir, tokenizer=None, vocab_size=8192, num_workers=2, ...) -> Path
     load_tokenizer(path) -> Tokenizer ; train_tokenizer(texts, out_path, vocab_size, ...) -> Tokenizer
     build_loader(prepared_dir, kind="dd"|"concat", tokens_per_step, seq_len=None, min_log2=8, max_log2=13,
-                 curriculum="grow_p2", cycles=8, seed=0, dp_rank=0, dp_size=1, cp_rank=0, cp_size=1) -> loader
+                 curriculum="grow_p2", cycles=8, seed=0, dp_rank=0, dp_size=1, cp_rank=0, cp_size=1,
+                 verify="lazy", tokenizer=None, vocab_size=None) -> loader
     stats(prepared_dir, tokens_per_step, min_log2, max_log2) -> dict
     verify_prepared(prepared_dir, tokenizer=None) -> manifest
     export_megatron(prepared_dir, out_prefix) -> prefix   (needs megatron-core)
+
+Bad input raises one-sentence errors naming the file and the fix: ``SourceError`` (a ValueError: empty, not
+UTF-8, unparsable, no text column), ``NoSuchSourceError`` (a FileNotFoundError), ``OutputFolderError`` (a
+ValueError: the output overlaps the source or holds foreign files), ``CorruptCorpusError`` (a ValueError and a
+RuntimeError: a prepared folder that disagrees with its manifest, or token ids outside the vocabulary).
 
 Names are imported on first use (PEP 562): tokenizer worker processes, which import this package, and the
 ``prepare`` / ``stats`` commands then never pay for importing torch.
@@ -19,7 +25,7 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "prepare": "preparation", "verify_prepared": "preparation",
+    "prepare": "preparation", "verify_prepared": "preparation", "OutputFolderError": "preparation",
     "build_loader": "loader", "LOADER_KINDS": "loader",
     "stats": "corpus_stats",
     "Tokenizer": "tokenizer", "load_tokenizer": "tokenizer", "train_tokenizer": "tokenizer",
@@ -28,7 +34,8 @@ _EXPORTS = {
     "export_megatron": "megatron_io", "MegatronNotInstalled": "megatron_io",
     "decompose_lengths": "decompose",
     "epoch_schedule": "curriculum", "curriculum_odds": "curriculum", "CURRICULA": "curriculum",
-    "open_source": "sources", "stdlib_files": "sources",
+    "open_source": "sources", "stdlib_files": "sources", "SourceError": "sources",
+    "NoSuchSourceError": "sources",
     "IGNORE_INDEX": "sharding",
 }
 

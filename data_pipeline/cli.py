@@ -30,7 +30,6 @@ def prepare_main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from .preparation import prepare, verify_prepared
-    from .shards import CorruptCorpusError
 
     sample = None if args.tokenizer_sample_mb is None else int(args.tokenizer_sample_mb * 1e6)
     try:
@@ -42,7 +41,7 @@ def prepare_main(argv: list[str] | None = None) -> int:
         if args.verify:
             verify_prepared(out)
             print(f"[prepare] verified every file in {out} against its manifest")
-    except (FileExistsError, FileNotFoundError, ValueError, KeyError, CorruptCorpusError) as e:
+    except (OSError, ValueError, KeyError) as e:  # bad input of any kind (CorruptCorpusError is a ValueError)
         print(f"lightspan prepare: {e}", file=sys.stderr)
         return 1
     print(f"[prepare] done: {out.resolve()}  (inspect with `lightspan data stats {out}`)")
@@ -61,14 +60,13 @@ def stats_main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from .preparation import verify_prepared
-    from .shards import CorruptCorpusError
     from .corpus_stats import stats
 
     try:
         if args.verify:
             verify_prepared(args.dir)
         s = stats(args.dir, args.tokens_per_step, args.min_log2, args.max_log2)
-    except (FileNotFoundError, ValueError, CorruptCorpusError) as e:
+    except (OSError, ValueError) as e:  # bad input of any kind (CorruptCorpusError is a ValueError)
         print(f"lightspan data stats: {e}", file=sys.stderr)
         return 1
     if args.json:

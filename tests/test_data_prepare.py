@@ -90,12 +90,18 @@ def test_an_interrupted_run_restarts_cleanly(tok, jsonl, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         _prep(jsonl, out, tok)
     assert not (out / "manifest.json").exists()
-    (out / "tokens_00007.bin.tmp").write_bytes(b"partial")  # what a crash mid-shard leaves
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".p.prepare.lock", "src"]  # the staging folder is gone
+    # what a killed run leaves: its staging folder (and, from before staging, partial files in the folder)
+    killed = tmp_path / ".p.prepare-otherhost-123"
+    killed.mkdir()
+    (killed / "tokens_00000.bin.tmp").write_bytes(b"partial")
+    out.mkdir()
+    (out / "tokens_00007.bin.tmp").write_bytes(b"partial")
     with pytest.raises(FileNotFoundError, match="prepare"):
         build_loader(out, tokens_per_step=1024, min_log2=4, max_log2=8)
     monkeypatch.setattr(prep_module, "save_npy_atomic", real)
     _prep(jsonl, out, tok)
-    assert not list(out.glob("*.tmp"))
+    assert not list(out.glob("*.tmp")) and not killed.exists()
     verify_prepared(out)
 
 
