@@ -1,8 +1,10 @@
 """The resumable-iterator skeleton both loaders share: position = (epoch, step in epoch), plus a config check.
 
-Every batch is a pure function of (config, seed, epoch, step, rank), so the state is two integers and a
-description of the config. ``load_state_dict`` refuses a state saved under another config or dp/cp layout,
-with both values in the message: the same position would mean different batches.
+The global batch of a step is a pure function of (config, seed, epoch, step), and each dp/cp rank reads its
+share of it, so the state is one global position (two integers) plus a description of the config, the same
+on every rank. It resumes on any dp x cp layout: after a change of layout the ranks cut the same global batches
+differently, and the token stream continues exactly. ``load_state_dict`` refuses a state saved under another
+data config, with both values in the message: the same position would mean different batches.
 """
 
 from __future__ import annotations
@@ -40,20 +42,13 @@ class StatefulLoader:
         return batch
 
     def state_dict(self) -> dict[str, Any]:
-        # the position is the same on every rank; dp_rank is recorded for the reader of a checkpoint only
+        # the global position: the same on every rank, whatever the layout
         return {"kind": self.kind, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
-                "global_step": self.global_step, "dp_size": self.dp_size, "cp_size": self.cp_size,
-                "dp_rank": self.dp_rank, "config": dict(self.config)}
+                "global_step": self.global_step, "config": dict(self.config)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("kind") != self.kind:
             raise ValueError(f"loader state is for a {state.get('kind')!r} loader, this one is {self.kind!r}")
-        for name in ("dp_size", "cp_size"):
-            if state[name] != getattr(self, name):
-                raise ValueError(
-                    f"loader state was saved with {name}={state[name]}, this loader has {name}={getattr(self, name)}; "
-                    f"a data-loader state only resumes on the same data-parallel/context-parallel layout"
-                )
         diff = {k: (state["config"].get(k), v) for k, v in self.config.items() if state["config"].get(k) != v}
         if diff:
             lines = ", ".join(f"{k}: saved {a!r} vs now {b!r}" for k, (a, b) in diff.items())

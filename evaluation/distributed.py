@@ -6,7 +6,6 @@ computed over the same ordered list whatever the world size.
 """
 from __future__ import annotations
 
-import datetime
 import os
 
 import torch.distributed as dist
@@ -20,11 +19,11 @@ def rank_world() -> tuple[int, int]:
 
 def init_from_env(device: str = "cpu", timeout_s: float = 600.0) -> bool:
     """Join the process group torchrun describes (WORLD_SIZE > 1); returns whether this call created it."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
-    backend = "nccl" if device.startswith("cuda") else "gloo"
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
-    return True
+    from pretrain.distributed import init_process_group
+
+    return init_process_group("cuda" if device.startswith("cuda") else "cpu", timeout_s)
 
 
 def my_share(n: int) -> list[int]:

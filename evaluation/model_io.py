@@ -13,7 +13,6 @@ layer's fp32 recurrent state (and the global position for LRPE), so a 16x-traini
 from __future__ import annotations
 
 import json
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,11 +156,12 @@ def _train_len(data: dict) -> int:
 
 
 def _from_checkpoint(path: Path):
-    from pretrain.convert import find_tokenizer, load_model_weights, resolve_checkpoint
+    from pretrain import checkpoint
+    from pretrain.convert import find_tokenizer, model_config_from_meta
 
-    ckpt = resolve_checkpoint(path)
-    cfg, state = load_model_weights(ckpt)
-    meta = json.loads((ckpt / "meta.json").read_text())
+    ckpt = checkpoint.resolve(path)
+    meta, state = checkpoint.load_model_weights(ckpt)
+    cfg = model_config_from_meta(meta)
     data = (meta.get("config") or {}).get("data") or {}
     tok = find_tokenizer(meta, ckpt)
     prepared = Path(data["prepared_dir"]) if data.get("prepared_dir") else None
@@ -176,11 +176,9 @@ def load_for_eval(path, device: str = "cpu", chunk_size: int = 2048, tokenizer: 
     path = Path(path)
     if (path / "config.json").is_file() and not (path / "meta.json").is_file() \
             and not checkpoint.checkpoint_dir(path).is_dir():
-        from pretrain.convert import import_hf
+        from model.hf.format import read_hf_model
 
-        raw = json.loads((path / "config.json").read_text())
-        with tempfile.TemporaryDirectory() as tmp:  # one import path: the converter's, into a scratch folder
-            cfg, state, *_ = _from_checkpoint(import_hf(path, Path(tmp) / "ckpt"))
+        cfg, state, raw = read_hf_model(path)  # the one HF reader (the converter's)
         tok = path / "tokenizer.model" if (path / "tokenizer.model").is_file() else None
         extra = raw.get("lightspan") or {}
         train_len, prepared, source, mqar = int(extra.get("context", 2048)), None, str(path), None

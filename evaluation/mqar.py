@@ -139,5 +139,4 @@ def save_mqar_model(model, spec: MQARSpec, out_dir, history: list) -> Path:
 
     meta = {"config": {"model": dataclasses.asdict(model.cfg)}, "mqar": dataclasses.asdict(spec),
             "history": history}
-    return checkpoint.save(out_dir, history[-1]["step"] if history else 0, {"model": model.state_dict(),
-                                                                           "step": 0}, meta, keep_last=1)
+    return checkpoint.save_weights(out_dir, history[-1]["step"] if history else 0, model.state_dict(), meta)

@@ -1,7 +1,9 @@
 """A softmax Llama-style baseline of the same size as a TNL config, for comparisons.
 
-RMSNorm (with weight) -> causal SDPA attention with RoPE -> RMSNorm -> SwiGLU; embedding tied to the head
-when `tie_embeddings`. Same forward signature as `TransnormerLM`: input_ids (B, T) -> logits (B, T, V).
+RMSNorm (with weight) -> causal RoPE softmax attention -> RMSNorm -> SwiGLU; embedding tied to the head when
+`tie_embeddings`. Same forward signature as `TransnormerLM`: input_ids (B, T) -> logits (B, T, V). Its attention
+is the hybrids' `SoftmaxMixer` (the same strategy object), so sequence parallelism installs ring or Ulysses
+attention in it exactly as in every other softmax layer.
 """
 from __future__ import annotations
 
@@ -10,38 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-
-
-def rope_angles(head_dim: int, positions: torch.Tensor, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (T, head_dim/2) for the rotary embedding."""
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim)
-    angles = positions.float()[:, None] * inv_freq[None, :]
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, H, T, hd), rotating (x[..., :hd/2], x[..., hd/2:]) pairs (the HF Llama convention)."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-    return out.type_as(x)
-
-
-class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.heads, self.head_dim, self.theta = cfg.heads, cfg.head_dim, cfg.rope_theta
-        self.q_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
-        self.k_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
-        self.v_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
-        self.o_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
-
-    def forward(self, x, position_offset: int = 0):
-        b, t, _ = x.shape
-        q, k, v = (p(x).reshape(b, t, -1, self.head_dim).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-        cos, sin = rope_angles(self.head_dim, torch.arange(position_offset, position_offset + t, device=x.device), self.theta)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.o_proj(o.transpose(1, 2).reshape(b, t, -1))
+from .init import init_parameters, normal
+from .softmax_attention import SoftmaxMixer
 
 
 class SwiGLU(nn.Module):
@@ -56,10 +28,10 @@ class SwiGLU(nn.Module):
 
 
 class LlamaBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.input_layernorm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = SoftmaxMixer(cfg, layer)
         self.post_attention_layernorm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.mlp = SwiGLU(cfg.dim, cfg.glu_dim)
 
@@ -74,14 +46,21 @@ class LlamaLM(nn.Module):
         cfg.validate()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleDict({str(i): LlamaBlock(cfg) for i in range(cfg.layers)})
+        self.layers = nn.ModuleDict({str(i): LlamaBlock(cfg, i) for i in range(cfg.layers)})
         self.final_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, mean=0.0, std=cfg.init_std)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        if not any(p.is_meta for p in self.parameters()):
+            init_parameters(self)
+
+    def initial_value(self, name: str, shape, seed: int, device) -> torch.Tensor:
+        """Norm weights start at one, every matrix at N(0, init_std); a tied head as its embedding."""
+        if name.endswith("layernorm.weight") or name == "final_norm.weight":
+            return torch.ones(tuple(shape), device=device)
+        if name == "lm_head.weight" and self.cfg.tie_embeddings:
+            name = "embed_tokens.weight"
+        return normal(seed, name, shape, self.cfg.init_std, device)
 
     def forward(self, input_ids, position_offset: int = 0):
         x = self.embed_tokens(input_ids) if self.embed_tokens is not None else input_ids

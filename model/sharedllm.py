@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .init import init_parameters, normal
 from .ops import lightning_attn
 from .softmax_attention import LocalSoftmaxAttention, rope
 from .tnl import SRMSNorm, TransnormerLM
@@ -158,13 +159,27 @@ class SharedLLM(nn.Module):
         self.decoder = TransnormerLM(dataclasses.replace(cfg, arch="tnl"))
         m = cfg.sharedllm_layers
         self.cross = nn.ModuleDict({str(j): CrossAttention(cfg) for j in range(m)})
-        for ca in self.cross.values():
-            nn.init.normal_(ca.q_proj.weight, std=cfg.init_std)
-            nn.init.zeros_(ca.o_proj.weight)
         if cfg.sharedllm_lower == "copy":
             self.lower_embed = copy.deepcopy(self.decoder.embed_tokens)
             self.lower_layers = nn.ModuleDict({str(j): copy.deepcopy(self.decoder.layers[str(j)]) for j in range(m)})
+        if not any(p.is_meta for p in self.parameters()):
+            init_parameters(self)
         self.set_trainable(cfg.sharedllm_trainable)
+
+    def initial_value(self, name: str, shape, seed: int, device) -> torch.Tensor:
+        """The decoder's own rule for its weights (a copied lower tower starts as the layers it copies); the
+        cross-attention's q_proj N(0, init_std) and o_proj zero, so training starts from the plain decoder."""
+        if name.startswith("cross."):
+            if name.endswith("o_proj.weight"):
+                return torch.zeros(tuple(shape), device=device)
+            return normal(seed, name, shape, self.cfg.init_std, device)
+        if name.startswith("lower_embed."):
+            name = "embed_tokens." + name[len("lower_embed."):]
+        elif name.startswith("lower_layers."):
+            name = "layers." + name[len("lower_layers."):]
+        else:
+            name = name[len("decoder."):]
+        return self.decoder.initial_value(name, shape, seed, device)
 
     def set_trainable(self, which: str) -> None:
         """'all': every parameter trains; 'cross': only the cross-attention blocks do."""

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .init import init_parameters, normal
 from .ops import lightning_attn
 from .softmax_attention import SoftmaxMixer
 
@@ -53,6 +54,12 @@ def tnl_decay_slopes(heads: int, layer: int, layers: int) -> torch.Tensor:
     return torch.tensor(alibi_slopes(heads), dtype=torch.float32) * factor
 
 
+def lrpe_theta(heads: int, head_dim: int) -> torch.Tensor:
+    """LRPE's initial frequencies 10000^(-2i/d), i < d = H*head_dim, as (H, 1, head_dim)."""
+    d = heads * head_dim
+    return (10000 ** (-2.0 / d * torch.arange(d, dtype=torch.float32))).reshape(heads, 1, head_dim)
+
+
 class Lrpe(nn.Module):
     """Linearized relative positional encoding: x -> concat[x cos(theta t), x sin(theta t)].
 
@@ -62,8 +69,7 @@ class Lrpe(nn.Module):
 
     def __init__(self, heads: int, head_dim: int):
         super().__init__()
-        d = heads * head_dim
-        self.theta = nn.Parameter(10000 ** (-2.0 / d * torch.arange(d, dtype=torch.float32)).reshape(heads, 1, head_dim))
+        self.theta = nn.Parameter(lrpe_theta(heads, head_dim))
 
     def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
         """x: (B, H, T, head_dim) -> (B, H, T, 2*head_dim)."""
@@ -95,9 +101,17 @@ class TokenMixer(nn.Module):
         self.out_proj = nn.Linear(hidden, cfg.dim, bias=False)
         self.norm = SRMSNorm(cfg.norm_eps)  # spans all heads
         self.lrpe = Lrpe(cfg.heads, cfg.head_dim) if layer in cfg.lrpe_layers else None
-        # Fixed decay, not learned and not in the state dict; TP shards it with the heads.
-        self.register_buffer("slope", tnl_decay_slopes(cfg.heads, layer, cfg.layers), persistent=False)
+        # Fixed decay, not learned and not in the state dict, for heads [head_start, head_start + head_count):
+        # all of them, unless tensor parallelism gave this module a range of heads.
+        self.layer, self.layers, self.head_start, self.head_count = layer, cfg.layers, 0, cfg.heads
+        self.register_buffer("slope", torch.empty(cfg.heads), persistent=False)
+        self.reset_buffers()
         self.attn_op = LocalLightningAttention(cfg.attn_backend)
+
+    def reset_buffers(self) -> None:
+        """(Re)compute the decay slopes of this module's heads, on the buffer's device."""
+        part = tnl_decay_slopes(self.heads, self.layer, self.layers)[self.head_start:self.head_start + self.head_count]
+        self.register_buffer("slope", part.to(self.slope.device), persistent=False)
 
     def forward(self, x, position_offset: int = 0, state=None, return_state: bool = False):
         b, t, _ = x.shape
@@ -159,13 +173,18 @@ class TransnormerLM(nn.Module):
         self.layers = nn.ModuleDict({str(i): TNLBlock(cfg, i) for i in range(cfg.layers)})
         self.final_norm = SRMSNorm(cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.reset_parameters()
         self.lm_head.weight = self.embed_tokens.weight
+        if not any(p.is_meta for p in self.parameters()):
+            init_parameters(self)
 
-    def reset_parameters(self) -> None:
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, mean=0.0, std=self.cfg.init_std)
+    def initial_value(self, name: str, shape, seed: int, device) -> torch.Tensor:
+        """A parameter's initial value by name (see `model.init`): LRPE's frequency table, else N(0, init_std);
+        the tied head starts as the embedding it is."""
+        if name.endswith("lrpe.theta"):
+            return lrpe_theta(self.cfg.heads, self.cfg.head_dim).to(device)
+        if name == "lm_head.weight":
+            name = "embed_tokens.weight"
+        return normal(seed, name, shape, self.cfg.init_std, device)
 
     def forward(self, input_ids, position_offset: int = 0, states=None, return_states: bool = False):
         """states: optional list, one per layer, to continue from (e.g. when decoding): a lightning layer's fp32

@@ -15,22 +15,14 @@ import torch
 from torch import nn
 
 
-def apply_fsdp(model: nn.Module, dp_mesh, reshard_after_forward: bool = True, mp_policy=None) -> nn.Module:
-    """fully_shard every block, then the root (embedding, tied head, final norm). dp_mesh: 1-D.
-
-    SharedLLM: the decoder blocks above the compressor and a copied lower tower's blocks get their own units;
-    a shared lower tower runs its blocks twice per forward (over the context chunks, then over the text), so
-    those blocks and the cross-attention stay in the root unit (gathered once for both uses).
-    """
+def apply_fsdp(model: nn.Module, dp_mesh, units: list[nn.Module], reshard_after_forward: bool = True,
+               mp_policy=None) -> nn.Module:
+    """fully_shard every unit (the architecture spec's blocks), then the root (embedding, tied head, final
+    norm, whatever the units leave). dp_mesh: 1-D."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     kw = {"mesh": dp_mesh, "mp_policy": mp_policy or MixedPrecisionPolicy(), "shard_placement_fn": _fsdp_placement}
-    if hasattr(model, "cross") and hasattr(model, "decoder"):  # SharedLLM (or a pipeline stage of one)
-        shared = model.cfg.sharedllm_lower == "shared"
-        blocks = [b for name, b in model.decoder.layers.items() if not (shared and int(name) < model.cfg.sharedllm_layers)]
-        blocks += list(getattr(model, "lower_layers", None).values()) if getattr(model, "lower_layers", None) else []
-    else:
-        blocks = list(model.layers.values())
+    blocks = list(units)
     for i, block in enumerate(blocks):
         # The last block is gathered again at once by the root's backward: keeping it avoids a round trip.
         fully_shard(block, reshard_after_forward=reshard_after_forward and i < len(blocks) - 1, **kw)
@@ -110,12 +102,13 @@ def set_grad_sync(model, sync: bool) -> None:
 
 
 @torch.no_grad()
-def clip_grad_norm(parameters, max_norm: float, pp_group=None, counted=None) -> torch.Tensor:
+def clip_grad_norm(parameters, max_norm: float, pp_group=None, counted=None, clip: bool = True) -> torch.Tensor:
     """Global L2 norm over every mesh dim, then scale gradients by min(1, max_norm / norm).
 
     DTensor gradients (sharded over dp by FSDP and over tp) give a DTensor norm whose `full_tensor()` reduces
     over their mesh; pipeline stages hold different parameters, so their squared norms are summed over pp.
     counted: the parameters that enter the norm (default all); a weight tied across pp stages counts once.
+    clip: scale the gradients (else only measure); nothing is scaled by a non-finite norm.
     """
     from torch.distributed.tensor import DTensor
 
@@ -133,6 +126,6 @@ def clip_grad_norm(parameters, max_norm: float, pp_group=None, counted=None) -> 
         sq = total.pow(2)
         dist.all_reduce(sq, group=pp_group)
         total = sq.sqrt()
-    if max_norm > 0:
+    if clip and max_norm > 0 and torch.isfinite(total):
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=False)
     return total

@@ -322,53 +322,20 @@ def build_dist_attention(group, impl: str = "ring", layout: str = "contiguous"):
     return RingAttention(group, layout)
 
 
-def apply_dist_attention(model, cp_group, impl: str = "ring", layout: str = "contiguous"):
+def apply_dist_attention(model, cp_group, impl: str = "ring", layout: str = "contiguous", extra_types=()):
     """Install distributed MHA on every softmax attention of `model` (in place; returns model).
 
-    Covers hybrid TNL softmax mixers (`SoftmaxMixer`) and SharedLLM cross-attention (`CrossAttention`, whose
-    memory is then spread over the cp ranks). Lightning layers are left to `parallel.lasp.apply_lasp`; with
-    both in one model the layout must be contiguous (LASP's). Ulysses checks the heads up front.
+    Covers every `SoftmaxMixer` (hybrid S layers, the Llama baseline) and modules of `extra_types` with the same
+    `attn_op` strategy slot (an architecture spec adds its cross-attention, whose memory then spreads over the
+    cp ranks). Lightning layers are left to `parallel.lasp.apply_lasp`; with both in one model the layout must
+    be contiguous (LASP's). Ulysses checks the heads up front.
     """
-    from model.sharedllm import CrossAttention
     from model.softmax_attention import SoftmaxMixer
 
     op = build_dist_attention(_process_group(cp_group), impl, layout)
-    targets = [m for m in model.modules() if isinstance(m, (SoftmaxMixer, CrossAttention))]
+    targets = [m for m in model.modules() if isinstance(m, (SoftmaxMixer, *extra_types))]
     for m in targets:
         if impl != "ring":
             op.check_heads(m.heads)
         m.attn_op = op
-    return model
-
-
-def sharedllm_cp_shard(context_chunks, cp_rank: int, cp: int):
-    """This rank's share of a SharedLLM context: chunks (B, n, C) -> (B, n/cp, C) and its global chunk offset.
-
-    The lower tower then compresses only these chunks, so the memory (and its compute) is spread over the cp
-    group; pass `chunk_offset` and `total_chunks=n` to `SharedLLM.forward`.
-    """
-    n = context_chunks.shape[1]
-    if n % cp:
-        raise ValueError(f"context chunks ({n}) not divisible by cp ({cp})")
-    per = n // cp
-    return context_chunks[:, cp_rank * per:(cp_rank + 1) * per], cp_rank * per
-
-
-def apply_sharedllm_tp(model, tp_mesh, loss_parallel: bool = False):
-    """Tensor parallelism for a SharedLLM over the 1-D `tp_mesh` (in place; returns model).
-
-    The decoder takes the TNL plan (`parallel.tensor_parallel.apply_tp`); its qkvu_proj is sharded by heads,
-    so the shared lower tower, which runs the same modules, yields this rank's heads of K_j, V_j. The
-    cross-attention then shards naturally over the same heads: q_proj column-parallel, o_proj row-parallel
-    (partial products summed). A copied lower tower would need its own plan: refused.
-    """
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
-
-    from parallel.tensor_parallel import apply_tp
-
-    if model.cfg.sharedllm_lower != "shared":
-        raise NotImplementedError("tensor parallelism for SharedLLM needs model.sharedllm_lower='shared'")
-    apply_tp(model.decoder, tp_mesh, loss_parallel=loss_parallel)
-    for ca in model.cross.values():
-        parallelize_module(ca, tp_mesh, {"q_proj": ColwiseParallel(), "o_proj": RowwiseParallel()})
     return model

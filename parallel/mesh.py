@@ -23,10 +23,17 @@ class Coords:
     tp: int
 
 
-def check_layout(pcfg, world_size: int, model_cfg=None, data_cfg=None) -> None:
+def check_layout(pcfg, world_size: int | None = None, model_cfg=None, data_cfg=None, launched: bool = True) -> None:
+    """The one layout check: the world (when given), the model's shapes and the data's lengths must divide.
+
+    launched: the process was started by torchrun/slurm; a layout of several ranks without it is refused."""
     sizes = {d: getattr(pcfg, d) for d in DIMS}
     product = sizes["dp"] * sizes["pp"] * sizes["cp"] * sizes["tp"]
-    if product != world_size:
+    if world_size is not None and product > 1 and not launched:
+        raise LayoutError(f"the layout dp*pp*cp*tp = {product} needs {product} processes, but this is one process "
+                          f"started without torchrun: run `torchrun --nproc_per_node={product} -m pretrain ...` "
+                          f"(or launch/torchrun.sh), or drop the --parallel.* sizes")
+    if world_size is not None and product != world_size:
         raise LayoutError(f"parallel dp*pp*cp*tp = {sizes['dp']}*{sizes['pp']}*{sizes['cp']}*{sizes['tp']} = {product} "
                           f"but the world size is {world_size}: set --parallel.dp so the product matches")
     if model_cfg is not None:
@@ -39,6 +46,10 @@ def check_layout(pcfg, world_size: int, model_cfg=None, data_cfg=None) -> None:
                               f"pad the vocabulary to a multiple of tp")
         if model_cfg.layers % sizes["pp"]:
             raise LayoutError(f"model.layers ({model_cfg.layers}) not divisible by parallel.pp ({sizes['pp']})")
+        if sizes["pp"] > 1 and pcfg.pp_schedule == "interleaved" and model_cfg.layers < 2 * sizes["pp"]:
+            raise LayoutError(f"parallel.pp_schedule=interleaved runs 2 stages per pp rank: model.layers "
+                              f"({model_cfg.layers}) must be at least 2 x parallel.pp ({2 * sizes['pp']}); use 1f1b "
+                              f"or fewer ranks")
     if data_cfg is not None:
         shortest = data_cfg.seq_len if data_cfg.loader == "concat" else 2**data_cfg.min_log2
         if shortest % sizes["cp"]:

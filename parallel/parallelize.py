@@ -1,15 +1,17 @@
-"""One entry that parallelizes a built model over the (dp, pp, cp, tp) mesh, in torchtitan's order:
-tensor parallel, then sequence parallel (LASP), then data parallel (FSDP2), plus the training step that
-every layout shares (micro-batches, vocab-parallel loss, backward without redundant syncs, global clip).
+"""The one way a model meets the (dp, pp, cp, tp) mesh, and the one training step, for every world size.
 
-    mesh = build_mesh(cfg.parallel)
-    model = parallelize(build_model(cfg.model), mesh, cfg)
-    optimizer = build_optimizer(model, cfg.train)          # after: it must see the sharded parameters
-    step = TrainStep(model, optimizer, scheduler, cfg, mesh)
-    loss, grad_norm = step(batch)
+    mesh = build_mesh(cfg.parallel)                     # (1, 1, 1, 1) for a single process
+    parallelized = build(cfg, mesh, device)             # meta-device build, sharded, then materialised
+    optimizer = build_optimizer(trainable_module(parallelized), cfg.train)
+    step = TrainStep(parallelized, optimizer, scheduler, cfg, mesh)
+    loss = step.forward_backward(batch); grad_norm, stepped = step.optimizer_step()
 
-Pipeline parallelism (pp > 1) goes through `parallel.pipeline` (stage module + schedule); DeepSpeed wraps the
-model with the optimizer, so `TrainStep` builds its engine.
+`build` constructs the model on the meta device, applies the architecture spec's plans in torchtitan's order
+(tensor parallel, sequence parallel (LASP / distributed MHA), pipeline stages, FSDP2), and only then allocates
+this rank's shards and fills them with their initial values (`model.init`: each parameter a pure function of
+the seed and its name), so a 7B model never exists whole on any rank and every layout starts from the same
+weights as one process. A degree-1 dimension is a no-op. DeepSpeed wraps the model with the optimizer, so
+`TrainStep` builds its engine.
 """
 from __future__ import annotations
 
@@ -17,12 +19,12 @@ from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from parallel.data_parallel import apply_deepspeed, apply_fsdp, check_deepspeed, clip_grad_norm, set_grad_sync
+from parallel.loss import cross_entropy_sum, valid_tokens
 from parallel.mesh import DIMS, check_layout
-from parallel.tensor_parallel import apply_tp
+from parallel.specs import spec_for
 
 
 def dp_mesh(mesh):
@@ -33,61 +35,84 @@ def dp_mesh(mesh):
 
 
 def parallelize(model: nn.Module, mesh, cfg, device="cpu"):
-    """Apply TP, CP, PP and FSDP2 (per `cfg.parallel`) to a built, unsharded model; returns the model, or
-    with pp > 1 a `parallel.pipeline.PipelineRunner` over this rank's stages (its `.module` holds them).
+    """Apply TP, CP, PP and FSDP2 (per `cfg.parallel`, through the architecture's spec) to a built, unsharded
+    model (materialised or on the meta device); returns the model, or with pp > 1 a
+    `parallel.pipeline.PipelineRunner` over this rank's stages (its `.module` holds them).
 
     With dp_engine=deepspeed the data-parallel wrap happens in `TrainStep` (DeepSpeed needs the optimizer).
     """
     p = cfg.parallel
+    spec = spec_for(cfg.model)
     check_layout(p, mesh.size(), cfg.model)
     if p.dp_engine == "deepspeed":
         check_deepspeed(p)
     if p.tp > 1:
         # Under pp the last stage's loss runs inside the schedule, outside a loss_parallel context: full logits.
-        if getattr(model, "cross", None) is not None:  # SharedLLM: the decoder's plan + cross-attention by heads
-            from parallel.dist_attention import apply_sharedllm_tp
-
-            if p.sequence_parallel:
-                raise ValueError("parallel.sequence_parallel is not supported for SharedLLM; set it to false")
-            apply_sharedllm_tp(model, mesh["tp"], loss_parallel=p.pp == 1)
-        else:
-            apply_tp(model, mesh["tp"], loss_parallel=p.pp == 1, sequence_parallel=p.sequence_parallel)
+        spec.apply_tp(model, mesh["tp"], cfg, loss_parallel=p.pp == 1)
     if p.cp > 1:
-        from parallel.lasp import apply_lasp  # lazy: a layout without cp never needs it
-
-        apply_lasp(model, mesh["cp"].get_group(), impl=p.cp_impl)
-        # Softmax layers (hybrid stacks) and SharedLLM cross-attention get distributed MHA; none: a no-op.
-        from parallel.dist_attention import apply_dist_attention
-
-        apply_dist_attention(model, mesh["cp"].get_group(), impl=p.attn_cp_impl)
+        spec.apply_cp(model, mesh["cp"].get_group(), cfg)
     fsdp = p.dp * p.cp > 1 and p.dp_engine == "fsdp2"
     if p.pp > 1:
         from parallel.pipeline import PipelineRunner  # stages share the (tp/cp-parallelized) modules
 
-        runner = PipelineRunner(model, mesh["pp"], p, device=device)
+        runner = PipelineRunner(model, mesh["pp"], p, device=device, spec=spec)
         if fsdp:
             for stage in runner.stage_modules:
-                apply_fsdp(stage, dp_mesh(mesh))
-            if runner._tied:  # FSDP replaced the parameter objects: point the tied-gradient exchange at them
-                runner._tied = [p for n, p in runner.named_parameters()
-                                if n.split(".")[-2:] in (["embed_tokens", "weight"], ["lm_head", "weight"])]
+                apply_fsdp(stage, dp_mesh(mesh), spec.fsdp_units(stage))
         return runner
     if fsdp:
-        apply_fsdp(model, dp_mesh(mesh))
+        apply_fsdp(model, dp_mesh(mesh), spec.fsdp_units(model))
     return model
+
+
+@torch.no_grad()
+def materialize(module: nn.Module, full_model: nn.Module, device, seed: int) -> None:
+    """Allocate this rank's (meta) shards on `device` and fill them with their initial values.
+
+    full_model: the whole model object (it answers `initial_value` by global name); module: what this rank
+    holds (the model, or a pipeline stage view), its parameter names global. One parameter is generated whole
+    at a time and only this rank's piece is kept.
+    """
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    groups: dict[int, list[str]] = {}  # tied parameters (the embedding and the head): to_empty would untie them
+    for name, p in module.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    module.to_empty(device=device)
+    for names in groups.values():
+        first = module.get_parameter(names[0])
+        for alias in names[1:]:
+            owner, _, attr = alias.rpartition(".")
+            setattr(module.get_submodule(owner) if owner else module, attr, first)
+    for m in module.modules():
+        if hasattr(m, "reset_buffers"):
+            m.reset_buffers()
+    for name, p in module.named_parameters():
+        full = full_model.initial_value(name, p.shape, seed, device).to(p.dtype)
+        if isinstance(p, DTensor):
+            piece = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
+            p.to_local().copy_(piece)
+        else:
+            p.copy_(full)
+
+
+def build(cfg, mesh, device="cpu"):
+    """The parallelized model of `cfg` on this rank: a model, or a PipelineRunner under pp (see `parallelize`).
+
+    Built on the meta device and materialised after sharding; the weights equal those of
+    `torch.manual_seed(cfg.train.seed); build_model(cfg.model)` in one process, whatever the layout."""
+    spec = spec_for(cfg.model)
+    with torch.device("meta"):
+        model = spec.build(cfg.model)
+    parallelized = parallelize(model, mesh, cfg, device=device)
+    module = trainable_module(parallelized)
+    materialize(module, model, torch.device(device), cfg.train.seed)  # pipeline stages share the module's modules
+    return parallelized
 
 
 def trainable_module(parallelized) -> nn.Module:
     """What the optimizer steps: the model, or a pipeline runner's stage module(s)."""
     return parallelized.module if hasattr(parallelized, "stage_modules") else parallelized
-
-
-MODEL_INPUTS = ("context_chunks", "chunk_offset", "total_chunks")  # batch keys forwarded to the model
-
-
-def model_inputs(batch: dict) -> dict:
-    """The forward arguments a batch carries beyond input_ids and position_offset (SharedLLM's context)."""
-    return {k: batch[k] for k in MODEL_INPUTS if k in batch}
 
 
 def micro_batches(ids, labels, extra: dict, n: int) -> list[tuple]:
@@ -100,35 +125,29 @@ def micro_batches(ids, labels, extra: dict, n: int) -> list[tuple]:
     return out
 
 
-def _cross_entropy_sum(logits, labels) -> torch.Tensor:
-    """Summed token cross-entropy; vocab-sharded DTensor logits take the loss-parallel path."""
-    from torch.distributed.tensor import DTensor
-
-    loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
-    return loss.to_local() if isinstance(loss, DTensor) else loss
-
-
 class TrainStep:
-    """One optimizer step of a parallelized model on this rank's share of the global batch.
+    """One optimizer step of a parallelized model on this rank's share of the global batch (any mesh, a
+    (1, 1, 1, 1) one included: it is the only training step).
 
     batch: input_ids, labels (B_local, T_local), optional position_offset (cp chunk start) and the model's
-    further inputs (`MODEL_INPUTS`: SharedLLM's context chunks, split with the micro-batches). The loss each rank
+    further inputs (the spec's `model_input_keys`, split with the micro-batches). The loss each rank
     backpropagates is local_sum / N_global * G, where N_global counts valid labels over the dp x cp group and
     G is that group's size (the data-parallel engine averages over it), so the update equals the unsharded
-    one on the whole batch. Returns (global mean loss, global grad norm) as floats.
+    one on the whole batch.
     """
 
-    def __init__(self, model, optimizer, scheduler, cfg, mesh=None, autocast=None):
+    def __init__(self, model, optimizer, scheduler, cfg, mesh, autocast=None):
         self.runner = model if hasattr(model, "stage_modules") else None  # pp > 1: a PipelineRunner
         model = trainable_module(model)
         self.cfg, self.mesh = cfg, mesh
+        self.input_keys = spec_for(cfg.model).model_input_keys
         self.grad_accum = cfg.train.grad_accum
         self.autocast = autocast or nullcontext()
         p = cfg.parallel
-        self.group = dp_mesh(mesh).get_group() if mesh is not None and p.dp * p.cp > 1 else None
+        self.group = dp_mesh(mesh).get_group() if p.dp * p.cp > 1 else None
         self.group_size = p.dp * p.cp if self.group is not None else 1
-        self.pp_group = mesh["pp"].get_group() if mesh is not None and p.pp > 1 else None
-        self.loss_parallel = mesh is not None and p.tp > 1 and self.runner is None
+        self.pp_group = mesh["pp"].get_group() if p.pp > 1 else None
+        self.loss_parallel = p.tp > 1 and self.runner is None
         self.engine = None
         if p.dp_engine == "deepspeed" and self.group is not None:
             self.engine = apply_deepspeed(model, optimizer, scheduler, cfg.train, p.zero_stage, self.group_size,
@@ -140,24 +159,28 @@ class TrainStep:
             dist.all_reduce(x, group=self.group)
         return x
 
+    def model_inputs(self, batch: dict) -> dict:
+        return {k: batch[k] for k in self.input_keys if k in batch}
+
     def __call__(self, batch: dict) -> tuple[float, float]:
         loss = self.forward_backward(batch)
-        return loss, self.optimizer_step()
+        return loss, self.optimizer_step()[0]
 
     def forward_backward(self, batch: dict) -> float:
         """Accumulate this step's gradients over the micro-batches; returns the global mean loss."""
         ids, labels = batch["input_ids"], batch["labels"]
         offset = int(batch.get("position_offset", 0))
-        n_global = float(self._all_sum((labels != -100).sum().to(torch.float64)))
+        n_global = float(self._all_sum(valid_tokens(labels).to(torch.float64)))
         if self.runner is not None:  # micro-batches are the schedule's; its loss is local_sum / n_global
-            loss = self.runner.step(ids, labels, position_offset=offset, num_tokens=int(n_global), **model_inputs(batch))
+            loss = self.runner.step(ids, labels, position_offset=offset, num_tokens=int(n_global),
+                                    **self.model_inputs(batch))
             if self.group_size > 1:  # FSDP averaged over dp x cp what must be a sum (gloo has no PREMUL_SUM)
                 for p in self.model.parameters():
                     if p.grad is not None:
                         p.grad.mul_(self.group_size)
             return float(self._all_sum(loss.detach().to(torch.float64)))
         scale = self.group_size / max(n_global, 1.0)
-        micro = micro_batches(ids, labels, model_inputs(batch), self.grad_accum)
+        micro = micro_batches(ids, labels, self.model_inputs(batch), self.grad_accum)
         total = torch.zeros((), dtype=torch.float64, device=ids.device)
         forward = self.engine if self.engine is not None else self.model
         for n, (mb_ids, mb_labels, mb_extra) in enumerate(micro):
@@ -172,7 +195,7 @@ class TrainStep:
             with lp:  # the vocab-parallel loss needs its context around the backward too
                 with self.autocast:
                     logits = forward(mb_ids, position_offset=offset, **mb_extra)
-                loss_sum = _cross_entropy_sum(logits, mb_labels)
+                loss_sum = cross_entropy_sum(logits, mb_labels)
                 if self.engine is not None:
                     self.engine.set_gradient_accumulation_boundary(last)
                     self.engine.backward(loss_sum * scale, scale_wrt_gas=False)
@@ -181,19 +204,27 @@ class TrainStep:
             total += loss_sum.detach().to(torch.float64)
         return float(self._all_sum(total)) / max(n_global, 1.0)
 
-    def optimizer_step(self) -> float:
-        """Clip by the global grad norm, step optimizer and LR schedule, zero the grads; returns the norm."""
+    def optimizer_step(self, skip: bool = False) -> tuple[float, bool]:
+        """Clip by the global grad norm and step optimizer and LR schedule, then zero the grads.
+
+        Returns (grad norm, stepped). The update is skipped (grads dropped, the schedule still advances) when
+        `skip` is set or the global norm is not finite; every rank agrees, the norm being global."""
         if self.engine is not None:
+            if skip:
+                self.engine.zero_grad()
+                self.scheduler.step()
+                return float("nan"), False
             self.engine.step()
-            grad_norm = float(self.engine.get_global_grad_norm() or 0.0)
-        else:
-            counted = self.runner.norm_parameters() if self.runner is not None else None
-            grad_norm = float(clip_grad_norm(self.model.parameters(), self.cfg.train.grad_clip, self.pp_group,
-                                             counted))
+            return float(self.engine.get_global_grad_norm() or 0.0), True
+        counted = self.runner.norm_parameters() if self.runner is not None else None
+        grad_norm = float(clip_grad_norm(self.model.parameters(), self.cfg.train.grad_clip, self.pp_group, counted,
+                                         clip=not skip))
+        stepped = not skip and torch.isfinite(torch.tensor(grad_norm)).item()
+        if stepped:
             self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm, bool(stepped)
 
 
 def fake_mesh(pcfg, model_cfg=None, data_cfg=None):

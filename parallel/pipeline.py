@@ -1,6 +1,6 @@
 """Pipeline parallelism over `torch.distributed.pipelining`: stages split by layers, 1F1B / GPipe / interleaved.
 
-    runner = PipelineRunner(model, pp_group, parallel_cfg, loss_fn=None, device="cpu")
+    runner = PipelineRunner(model, pp_group, parallel_cfg, device="cpu", spec=spec)
     loss = runner.step(input_ids, labels, position_offset=0)   # forward + backward of one batch, every pp rank
     optimizer = AdamW(runner.module.parameters()); clip over runner.norm_parameters(); optimizer.step()
 
@@ -18,11 +18,10 @@ partial gradients (a p2p exchange between the first and last pp rank; both sides
 bit-identical), so both copies see the full gradient and, with identical optimizers, stay identical. For
 a global grad norm over pp count that tensor once: `norm_parameters()` leaves it out on the last stage.
 
-Loss scale. `loss_fn(logits (b, T, V), labels (b, T)) -> mean over the micro-batch's valid tokens` (default:
-cross entropy ignoring label -100). The runner turns it into the unsharded token-weighted mean: each micro-batch
-loss is multiplied by n_valid(micro-batch) / num_tokens, with num_tokens = the batch's valid labels (or the
-caller's, e.g. summed over dp/cp ranks), and the schedule's own 1/n_microbatches scaling is switched off
-(`scale_grads=False`). The returned loss, the sum over micro-batches, is broadcast from the last stage.
+Loss scale. Each micro-batch's loss is `parallel.loss.cross_entropy_sum / num_tokens`, with num_tokens = the
+batch's valid labels (or the caller's, e.g. summed over dp/cp ranks), and the schedule's own 1/n_microbatches
+scaling is switched off (`scale_grads=False`), so the sum over micro-batches is the unsharded token mean. The
+returned loss is broadcast from the last stage.
 
 Variable sequence lengths (dataset decomposition). The schedule infers the inter-stage shapes once, at its
 first step, so the runner builds one (stages, schedule) per micro-batch shape (b, T) and caches it; a new
@@ -38,22 +37,16 @@ import copy
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
+from parallel.loss import cross_entropy_sum, valid_tokens
 from parallel.mesh import LayoutError
 
-IGNORE_INDEX = -100
 SCHEDULES = ("1f1b", "gpipe", "interleaved")
 
 
 def _process_group(group):
     return group.get_group() if hasattr(group, "get_group") else group
-
-
-def default_loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross entropy over the tokens whose label is not -100. logits (b, T, V), labels (b, T)."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
 
 
 def split_layers(names: list[str], n_stages: int) -> list[list[str]]:
@@ -69,39 +62,21 @@ def split_layers(names: list[str], n_stages: int) -> list[list[str]]:
     return out
 
 
-def decoder_of(model: nn.Module) -> nn.Module:
-    """The module holding `embed_tokens`, `layers`, `final_norm`, `lm_head`: the model, or SharedLLM's decoder."""
-    return model.decoder if hasattr(model, "cross") and hasattr(model, "decoder") else model
-
-
-def _shallow(model: nn.Module) -> nn.Module:
+def shallow_view(model: nn.Module) -> nn.Module:
+    """A copy of the module object sharing its submodules and parameters (own dicts: FSDP hooks one view only)."""
     stage = copy.copy(model)  # same class and forward
-    for attr, value in list(vars(stage).items()):  # own submodule/parameter/hook dicts: FSDP hooks one view only
+    for attr, value in list(vars(stage).items()):
         if isinstance(value, dict):
             object.__setattr__(stage, attr, copy.copy(value))
     return stage
 
 
-def stage_view(model: nn.Module, layer_names: list[str], first: bool, last: bool) -> nn.Module:
-    """The model with only `layer_names`, its embedding only if first, final norm + head only if last.
+def decoder_stage_view(model: nn.Module, layer_names: list[str], first: bool, last: bool) -> nn.Module:
+    """A decoder with only `layer_names`, its embedding only if first, final norm + head only if last.
 
-    Shares submodules and parameters with `model` (no copy of weights). A SharedLLM keeps its compressor
-    (cross-attention, a copied lower tower) on the first stage only, which must then hold the lowest M layers:
-    the context is compressed and read there, and later stages see hidden states like any decoder's."""
-    if model is not decoder_of(model):
-        stage = _shallow(model)
-        stage.decoder = stage_view(model.decoder, layer_names, first, last)
-        if first:
-            missing = [name for name in model.cross if name not in layer_names]
-            if missing:
-                raise LayoutError(f"SharedLLM cross-attention layers {missing} fall outside the first pipeline stage "
-                                  f"(layers {layer_names}): lower parallel.pp or model.sharedllm_layers")
-        else:
-            stage.cross = nn.ModuleDict()
-            if getattr(model, "lower_layers", None) is not None:
-                stage.lower_embed, stage.lower_layers = None, nn.ModuleDict()
-        return stage
-    stage = _shallow(model)
+    Shares submodules and parameters with `model` (no copy of weights). Other architectures build their views
+    in their spec (`parallel.specs`) around this one."""
+    stage = shallow_view(model)
     stage.layers = nn.ModuleDict({name: model.layers[name] for name in layer_names})
     if not first:
         stage.embed_tokens = None
@@ -114,47 +89,66 @@ def stage_view(model: nn.Module, layer_names: list[str], first: bool, last: bool
 class PipelineRunner:
     """One pp rank's stages and the cached schedules. See the module docstring for the contract.
 
-    model: the built (unsharded) model with `embed_tokens`, `layers` (ModuleDict), `final_norm`, `lm_head`.
+    model: the built (unsharded, possibly meta) model; spec: its `parallel.specs` spec (layer names, stage views;
+    default: a plain decoder with `embed_tokens`, `layers` (ModuleDict), `final_norm`, `lm_head`).
     pp_group: ProcessGroup or 1-D DeviceMesh of the pipeline dimension. parallel_cfg: has `pp_schedule`,
     `microbatches`. device: where activations live. virtual_stages: stages per rank for "interleaved".
     """
 
-    def __init__(self, model, pp_group, parallel_cfg, loss_fn=None, device="cpu", virtual_stages: int = 2):
+    def __init__(self, model, pp_group, parallel_cfg, device="cpu", virtual_stages: int = 2, spec=None):
+        if spec is None:
+            from parallel.specs import TNLSpec
+
+            spec = TNLSpec()
         self.group = _process_group(pp_group)
         self.pp_rank, self.pp_size = dist.get_rank(self.group), dist.get_world_size(self.group)
         self.schedule_name = parallel_cfg.pp_schedule
         if self.schedule_name not in SCHEDULES:
             raise ValueError(f"parallel.pp_schedule must be one of {SCHEDULES}, got {self.schedule_name!r}")
-        self.microbatches = parallel_cfg.microbatches
+        self.microbatches = parallel_cfg.microbatches or self.pp_size  # 0: one per stage
         self.device = torch.device(device)
-        self.loss_fn = loss_fn or default_loss_fn
         v = virtual_stages if self.schedule_name == "interleaved" else 1
         self.num_stages = self.pp_size * v
         self.stage_ids = [self.pp_rank + i * self.pp_size for i in range(v)]
-        chunks = split_layers(list(decoder_of(model).layers.keys()), self.num_stages)
-        self.stage_modules = [stage_view(model, chunks[s], s == 0, s == self.num_stages - 1) for s in self.stage_ids]
+        chunks = split_layers(spec.layer_names(model), self.num_stages)
+        self.stage_modules = [spec.stage_view(model, chunks[s], s == 0, s == self.num_stages - 1)
+                              for s in self.stage_ids]
         # What the optimizer, grad clipping and checkpoints see: the stage itself, or (interleaved) one view over
         # all of this rank's layers, sharing the stages' submodules, so names stay global ("layers.5....").
         mine = [name for s in self.stage_ids for name in chunks[s]]
         self.module = self.stage_modules[0] if v == 1 else \
-            stage_view(model, mine, 0 in self.stage_ids, self.num_stages - 1 in self.stage_ids)
+            spec.stage_view(model, mine, 0 in self.stage_ids, self.num_stages - 1 in self.stage_ids)
         self.is_first, self.is_last = 0 in self.stage_ids, self.num_stages - 1 in self.stage_ids
         self.first_rank, self.last_rank = 0, (self.num_stages - 1) % self.pp_size
-        self._tied = self._tied_parameters(model)
+        self._tied_names = self._tied_parameter_names(model)
         self._schedules: dict[tuple, object] = {}
         self._num_tokens = 1
 
     # -- tied weights -------------------------------------------------------------------------------------
-    def _tied_parameters(self, model) -> list[nn.Parameter]:
-        """Parameters the model registers under several names and that this rank holds as first or last
-        stage, when first and last stage sit on different ranks (else autograd already sums them)."""
+    def _tied_parameter_names(self, model) -> set[str]:
+        """The names of parameters the model registers under several names (the tied embedding and head), when
+        this rank holds them as first or last stage and those sit on different ranks (else autograd sums)."""
         if self.first_rank == self.last_rank or not (self.is_first or self.is_last):
-            return []
+            return set()
         names: dict[int, list[str]] = {}
         for name, p in model.named_parameters(remove_duplicate=False):
             names.setdefault(id(p), []).append(name)
-        mine = {id(p): p for _, p in self.named_parameters()}
-        return [mine[i] for i, n in names.items() if len(n) > 1 and i in mine]
+        return {n for aliases in names.values() if len(aliases) > 1 for n in aliases}
+
+    @property
+    def _tied(self) -> list[nn.Parameter]:
+        """This rank's copy of each tied parameter, looked up by name (materialising or FSDP may replace the
+        parameter objects after the runner was built)."""
+        return [p for name, p in self.named_parameters() if name in self._tied_names]
+
+    def _align_grads(self) -> None:
+        """A tensor-parallel embedding's backward alone (a first stage without the head) yields a replicated
+        table gradient; lay it out like the (vocab-sharded) weight, so the exchange between stages and the
+        optimizer see matching shards."""
+        for _, p in self.named_parameters():
+            g = p.grad
+            if g is not None and hasattr(g, "placements") and g.placements != p.placements:
+                p.grad = g.redistribute(placements=p.placements)
 
     def _sync_tied_grads(self) -> None:
         peer = self.last_rank if self.pp_rank == self.first_rank else self.first_rank
@@ -187,10 +181,7 @@ class PipelineRunner:
 
     # -- schedules ----------------------------------------------------------------------------------------
     def _scaled_loss(self, logits, labels):
-        n_valid = (labels != IGNORE_INDEX).sum()
-        if int(n_valid) == 0:
-            return logits.sum() * 0.0
-        return self.loss_fn(logits, labels) * (n_valid / self._num_tokens)
+        return cross_entropy_sum(logits, labels) / max(self._num_tokens, 1)
 
     def _schedule(self, batch: int, seq_len: int):
         key = (batch, seq_len)
@@ -223,7 +214,7 @@ class PipelineRunner:
         """
         B, T = input_ids.shape
         schedule = self._schedule(B, T)
-        self._num_tokens = int(num_tokens) if num_tokens is not None else int((labels != IGNORE_INDEX).sum())
+        self._num_tokens = int(num_tokens) if num_tokens is not None else int(valid_tokens(labels))
         args = (input_ids.to(self.device),) if self.is_first else ()
         kwargs = {"position_offset": position_offset,
                   **{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in model_kwargs.items()}}
@@ -232,6 +223,7 @@ class PipelineRunner:
             schedule.step(*args, target=labels.to(self.device), losses=losses, return_outputs=False, **kwargs)
         else:
             schedule.step(*args, return_outputs=False, **kwargs)
+        self._align_grads()
         if self._tied:
             self._sync_tied_grads()
         loss = torch.stack([x.detach().float() for x in losses]).sum() if self.is_last else \

@@ -127,8 +127,9 @@ class HeadShardedLrpe(nn.Module):
 def _shard_heads(mixer: TokenMixer, tp_mesh) -> None:
     """Slopes, LRPE theta and the all-heads norm follow the heads onto their tp rank."""
     p, r = tp_mesh.size(), tp_mesh.get_local_rank()
-    h = mixer.slope.shape[0] // p
-    mixer.register_buffer("slope", mixer.slope[r * h:(r + 1) * h].clone(), persistent=False)
+    h = mixer.heads // p
+    mixer.head_start, mixer.head_count = r * h, h
+    mixer.reset_buffers()
     mixer.norm = HeadShardedSRMSNorm(mixer.norm.eps, tp_mesh.get_group(), p)
     if mixer.lrpe is not None:
         mixer.lrpe = HeadShardedLrpe(mixer.lrpe, tp_mesh)
@@ -166,12 +167,6 @@ def apply_tp(model: nn.Module, tp_mesh, loss_parallel: bool = True, sequence_par
     parallelize_module(model, tp_mesh, top)
     if tied:  # both styles shard the (V, D) table on dim 0: re-tie to one parameter
         model.lm_head.weight = model.embed_tokens.weight
-    if model.embed_tokens is not None and model.embed_tokens.weight.requires_grad:  # (frozen: no gradient)
-        # The embedding's backward alone (a first pipeline stage) yields a replicated table gradient; keep it
-        # sharded like the weight, so gradients, their exchange between stages and the optimizer agree.
-        weight = model.embed_tokens.weight
-        weight.register_hook(lambda g: g if g.placements == weight.placements else g.redistribute(placements=weight.placements))
-
     for block in model.layers.values():
         if isinstance(block.token_mixer, TokenMixer):
             _shard_heads(block.token_mixer, tp_mesh)

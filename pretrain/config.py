@@ -75,7 +75,7 @@ class ParallelConfig:
     cp_impl: str = "lasp2"  # lasp2 | lasp1
     attn_cp_impl: str = "ring"  # ring | ulysses | ulysses_deepspeed (softmax layers; DeepSpeed's all-to-alls)
     pp_schedule: str = "1f1b"  # 1f1b | interleaved | gpipe
-    microbatches: int = 1
+    microbatches: int = 0  # pipeline micro-batches per step; 0: one per stage (= parallel.pp)
 
 
 @dataclass
@@ -83,13 +83,17 @@ class CheckpointConfig:
     every: int = 0  # steps between saves; 0 saves only at the end
     resume: str = "auto"  # auto (latest complete one in the run folder) | none | a checkpoint path
     keep_last: int = 3
-    async_save: bool = False  # distributed runs: write the sharded checkpoint in a background thread
+    async_save: bool = False  # write the sharded checkpoint in a background thread
+    # start a new run (step 0, fresh optimizer) from these weights: a lightspan checkpoint (any layout; a run
+    # folder means its newest one) or a Hugging Face TNL/Llama folder as `convert --to hf` writes it
+    init_from: str = ""
 
 
 @dataclass
 class LogConfig:
     every: int = 10
     tensorboard: bool = True
+    batches: bool = False  # every rank records what it read per step in <run>/batches/rank<r>.jsonl (audit)
 
 
 @dataclass
@@ -236,6 +240,7 @@ RANGES = {
     "data.workers": Range(0),
     "checkpoint.every": Range(0, note="0 saves only at the end"),
     "checkpoint.keep_last": Range(1),
+    "parallel.microbatches": Range(0, note="0: one per pipeline stage"),
 }
 
 
@@ -265,6 +270,8 @@ def check_pipeline(cfg: Config) -> None:
     """A pipeline of pp stages needs at least pp micro-batches per step (torch's 1F1B refuses fewer, but only
     after the model is built; GPipe and interleaved would leave stages idle)."""
     p = cfg.parallel
+    if p.microbatches == 0:
+        p.microbatches = p.pp
     if p.pp > 1 and p.microbatches < p.pp:
         raise ConfigError(f"parallel.microbatches ({p.microbatches}) must be >= parallel.pp ({p.pp}): a {p.pp}-stage "
                           f"pipeline needs at least one micro-batch per stage; set --parallel.microbatches={p.pp}")
@@ -282,7 +289,7 @@ def validate(cfg: Config) -> None:
         if value not in allowed:
             raise ConfigError(f"{path} must be one of {list(allowed)}, got {value!r}")
     positive = ["train.steps", "train.grad_accum", "data.tokens_per_step", "data.seq_len", "log.every",
-                "parallel.dp", "parallel.pp", "parallel.cp", "parallel.tp", "parallel.microbatches", "data.cycles"]
+                "parallel.dp", "parallel.pp", "parallel.cp", "parallel.tp", "data.cycles"]
     for path in positive:
         section, key = path.split(".")
         if getattr(getattr(cfg, section), key) <= 0:
@@ -296,34 +303,14 @@ def validate(cfg: Config) -> None:
             f"data.tokens_per_step ({d.tokens_per_step}) must be a multiple of the longest sequence ({longest}"
             f"{' = 2^data.max_log2' if d.loader == 'dd' else ' = data.seq_len'}) so every step holds whole sequences"
         )
-    if cfg.train.warmup_steps < 0 or cfg.train.lr <= 0:
-        raise ConfigError(f"train.lr ({cfg.train.lr}) must be > 0 and train.warmup_steps ({cfg.train.warmup_steps}) >= 0")
-    if cfg.checkpoint.every < 0 or cfg.checkpoint.keep_last < 1:
-        raise ConfigError("checkpoint.every must be >= 0 and checkpoint.keep_last >= 1")
-    p = cfg.parallel
-    if cfg.model.heads % p.tp:
-        raise ConfigError(f"model.heads ({cfg.model.heads}) not divisible by parallel.tp ({p.tp})")
-    if cfg.model.layers % p.pp:
-        raise ConfigError(f"model.layers ({cfg.model.layers}) not divisible by parallel.pp ({p.pp})")
-    if p.pp > 1 and p.pp_schedule == "interleaved" and cfg.model.layers < 2 * p.pp:
-        raise ConfigError(f"parallel.pp_schedule=interleaved runs 2 stages per pp rank: model.layers "
-                          f"({cfg.model.layers}) must be at least 2 x parallel.pp ({2 * p.pp}); use 1f1b or fewer ranks")
-    if cfg.model.arch == "sharedllm":
-        from pretrain.data import check_sharedllm_data
+    from parallel.mesh import LayoutError, check_layout
+    from parallel.specs import spec_for
 
-        try:
-            check_sharedllm_data(cfg)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        if p.pp > 1 and cfg.model.sharedllm_layers > cfg.model.layers // p.pp:
-            raise ConfigError(f"model.sharedllm_layers ({cfg.model.sharedllm_layers}) must fit in the first pipeline "
-                              f"stage ({cfg.model.layers // p.pp} layers at parallel.pp={p.pp}): the compressor and "
-                              f"the cross-attention it feeds run on stage 0; lower parallel.pp or sharedllm_layers")
-        if p.tp > 1 and p.sequence_parallel:
-            raise ConfigError("parallel.sequence_parallel is not supported for model.arch=sharedllm (its cross-"
-                              "attention reads the unsharded sequence); set parallel.sequence_parallel=false")
-        if p.tp > 1 and cfg.model.sharedllm_lower != "shared":
-            raise ConfigError("tensor parallelism for model.arch=sharedllm needs model.sharedllm_lower=shared")
+    try:
+        check_layout(cfg.parallel, None, cfg.model, cfg.data)  # the one layout check (the world: at start-up)
+        spec_for(cfg.model).validate(cfg)  # what the architecture adds
+    except (LayoutError, ValueError) as e:
+        raise ConfigError(str(e)) from None
     check_pipeline(cfg)
 
 

@@ -1,71 +1,33 @@
-"""`lightspan convert`: lightspan checkpoints <-> Hugging Face folders.
+"""`lightspan convert`: lightspan checkpoints <-> Hugging Face folders, and the weights a run starts from.
 
     lightspan convert --to hf CKPT OUT [--tokenizer PATH] [--max-shard-size 5GB] [--dtype float32]
     lightspan convert --from hf HF_DIR OUT
 
-CKPT is a run folder (its latest complete checkpoint) or one checkpoint folder (state.pt + meta.json).
-A TNL model (arch "tnl") becomes a `transnormer` folder loaded with
-`AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True)`: config.json with the released TNL field
-names, model.safetensors (sharded with model.safetensors.index.json past --max-shard-size), our
-configuration/modeling/tokenization files, the sentencepiece tokenizer.model with its tokenizer_config.json,
-and generation_config.json. Hybrid TNL models (model.attention_pattern with S layers: RoPE softmax attention)
-export the same way: config.json adds `attention_pattern` and `rope_theta`, the S layers' tensors keep our names
-(model.layers.N.token_mixer.{q,k,v,o}_proj.weight), and the modeling file computes them with a key/value cache
-beside the lightning layers' recurrent states. The softmax baseline (arch "llama") becomes a standard
-`LlamaForCausalLM` folder. SharedLLM checkpoints are refused (evaluate them in place with `lightspan eval`).
-`--from hf` reads such a folder back into a checkpoint folder OUT (state.pt + meta.json, the
-pretrain/checkpoint.py format; state holds only "model" and "step").
+CKPT is a run folder (its newest intact checkpoint) or one checkpoint folder; every checkpoint is read by the
+one reader, `pretrain.checkpoint` (DCP, any layout, in this one process). The formats themselves (key names,
+config.json, safetensors, tokenizer files) are `model.hf.format`'s. A TNL model becomes a `transnormer` folder
+loaded with `AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True)`, the softmax baseline a
+`LlamaForCausalLM` folder; SharedLLM is refused. `--from hf` writes a weights-only lightspan checkpoint, which
+`checkpoint.init_from` starts a run from (as it does from the HF folder itself).
 
-Nothing is unpickled from untrusted files: weights are read with safetensors (or torch.load(weights_only=True)).
+Outputs are built in a hidden sibling folder and renamed into place when complete; an OUT that is, contains or
+lies inside the input is refused (--overwrite would delete the input). Exported files are readable by group and
+others (0644). Nothing is unpickled: safetensors, the allow-listed DCP reader, torch.load(weights_only=True).
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import hashlib
 import json
+import dataclasses
 import os
 import shutil
 import sys
-import time
 from pathlib import Path
 
-import torch
-
-from model import ModelConfig, build_model
-from model.hf import HF_DIR  # the remote-code files shipped into exports
+from model import ModelConfig
+from model.hf import HF_DIR
+from model.hf import format as hf
 from pretrain import checkpoint
-
-REMOTE_MODEL = ("configuration_transnormer.py", "modeling_transnormer.py")
-REMOTE_TOKENIZER = ("tokenization_transnormer.py",)
-
-TNL_AUTO_MAP = {
-    "AutoConfig": "configuration_transnormer.TransnormerConfig",
-    "AutoModel": "modeling_transnormer.TransnormerModel",
-    "AutoModelForCausalLM": "modeling_transnormer.TransnormerForCausalLM",
-}
-TOKENIZER_AUTO_MAP = {"AutoTokenizer": ["tokenization_transnormer.TransnormerTokenizer", None]}
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# sentencepiece ids lightspan's tokenizer fixes (data_pipeline/tokenizer.py): used when no tokenizer is found
-DEFAULT_IDS = {"unk": 0, "bos": 1, "eos": 2, "pad": 3}
-
-
-# ------------------------------------------------------------------------------------------------------------
-# our checkpoints
-# ------------------------------------------------------------------------------------------------------------
-def resolve_checkpoint(path) -> Path:
-    """A checkpoint folder as given, or a run folder's latest complete checkpoint (read-only: no cleanup)."""
-    path = Path(path)
-    if (path / "meta.json").is_file():
-        return path
-    root = checkpoint.checkpoint_dir(path)
-    done = [p for p in root.glob(f"{checkpoint.PREFIX}*") if (p / "meta.json").is_file()] if root.is_dir() else []
-    if not done:
-        raise FileNotFoundError(f"{path}: neither a checkpoint folder (meta.json) nor a run folder with a complete "
-                                f"checkpoint under {root}")
-    return max(done, key=lambda p: int(p.name[len(checkpoint.PREFIX):]))
 
 
 def model_config_from_meta(meta: dict) -> ModelConfig:
@@ -79,223 +41,27 @@ def model_config_from_meta(meta: dict) -> ModelConfig:
 
 
 def load_model_weights(ckpt_path) -> tuple[ModelConfig, dict]:
-    """(ModelConfig, model state dict on CPU) of a run folder or checkpoint folder.
-
-    The one place that knows the checkpoint formats: single-process `state.pt`, and the distributed path's
-    sharded torch.distributed.checkpoint folders (any layout), read here in one process.
-    """
-    path = resolve_checkpoint(ckpt_path)
-    meta = checkpoint.verify(path)
-    if meta.get("format") == "dcp":
-        from pretrain.sharded_checkpoint import load_model_weights as load_sharded
-
-        return model_config_from_meta(meta), load_sharded(path)
-    state, meta = checkpoint.load(path)
-    if "model" not in state:
-        raise ValueError(f"checkpoint {path} holds no model weights (state.pt has keys {sorted(state)[:8]})")
-    return model_config_from_meta(meta), dict(state["model"])
+    """(ModelConfig, full model state dict on CPU) of a run folder or checkpoint folder, in this one process."""
+    meta, state = checkpoint.load_model_weights(ckpt_path)
+    return model_config_from_meta(meta), state
 
 
-def expected_shapes(cfg: ModelConfig) -> dict[str, tuple]:
-    """Our state-dict keys and shapes for cfg, built on the meta device (no memory, no init)."""
-    with torch.device("meta"):
-        model = build_model(cfg)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+def is_hf_folder(path) -> bool:
+    path = Path(path)
+    return (path / "config.json").is_file() and not (path / checkpoint.META).is_file()
 
 
-def check_state(cfg: ModelConfig, state: dict, where: str, rename=lambda k: k) -> None:
-    """Refuse missing/unexpected keys and shape mismatches, naming the tensor as `where` spells it."""
-    want = expected_shapes(cfg)
-    if (cfg.arch == "tnl" or cfg.tie_embeddings) and "lm_head.weight" not in state:
-        want.pop("lm_head.weight")  # tied: transformers' save_pretrained stores the embedding only
-    missing = [rename(k) for k in want if k not in state]
-    unexpected = [rename(k) for k in state if k not in want]
-    if missing or unexpected:
-        raise ValueError(f"{where} does not match its config: missing tensors {missing[:6]}, "
-                         f"unexpected tensors {unexpected[:6]}")
-    for k, shape in want.items():
-        if tuple(state[k].shape) != shape:
-            raise ValueError(f"{where}: tensor {rename(k)!r} has shape {tuple(state[k].shape)} but the config "
-                             f"implies {shape}")
-
-
-# ------------------------------------------------------------------------------------------------------------
-# key names and configs
-# ------------------------------------------------------------------------------------------------------------
-def to_hf_key(cfg: ModelConfig, key: str) -> str:
-    """Our state-dict key -> the HF one. TNL (hybrid S layers included: token_mixer.{q,k,v,o}_proj) keeps our
-    names under `model.`; Llama differs only in its final norm."""
-    if key == "lm_head.weight":
-        return key
-    if cfg.arch == "llama" and key == "final_norm.weight":
-        return "model.norm.weight"
-    return "model." + key
-
-
-def from_hf_key(cfg: ModelConfig, key: str) -> str:
-    if key == "lm_head.weight":
-        return key
-    if cfg.arch == "llama" and key == "model.norm.weight":
-        return "final_norm.weight"
-    return key[len("model."):] if key.startswith("model.") else "<not under model.>" + key
-
-
-def hf_config(cfg: ModelConfig, ids: dict, dtype: torch.dtype, extra: dict) -> dict:
-    """config.json for cfg; ids holds bos/eos/pad token ids."""
-    common = {"vocab_size": cfg.vocab_size, "bos_token_id": ids["bos"], "eos_token_id": ids["eos"],
-              "pad_token_id": ids["pad"], "use_cache": True, "torch_dtype": str(dtype).replace("torch.", "")}
-    if cfg.arch == "tnl":
-        return {
-            "architectures": ["TransnormerForCausalLM"], "auto_map": TNL_AUTO_MAP, "model_type": "transnormer",
-            **common,
-            "decoder_embed_dim": cfg.dim, "decoder_layers": cfg.layers, "decoder_attention_heads": cfg.heads,
-            "hidden_dim": cfg.dim, "glu_dim": cfg.glu_dim,
-            "linear_use_lrpe_list": [1 if i in cfg.lrpe_layers else 0 for i in range(cfg.layers)],
-            "norm_type": "simplermsnorm", "linear_act_fun": "silu", "glu_act": "none", "bias": False,
-            "no_scale_embedding": cfg.no_scale_embedding, "init_std": cfg.init_std, "norm_eps": cfg.norm_eps,
-            # hybrids: L/S letters tiled over the layers, and the RoPE base of the S layers
-            "attention_pattern": cfg.attention_pattern, "rope_theta": cfg.rope_theta,
-            "add_bos_token": False, "tie_word_embeddings": True, "lightspan": extra,
-        }
-    return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", **common,
-        "hidden_size": cfg.dim, "intermediate_size": cfg.glu_dim, "num_hidden_layers": cfg.layers,
-        "num_attention_heads": cfg.heads, "num_key_value_heads": cfg.heads, "head_dim": cfg.head_dim,
-        "hidden_act": "silu", "max_position_embeddings": extra.get("context", 4096), "rms_norm_eps": cfg.norm_eps,
-        # transformers < 5 reads rope_theta, 5 reads rope_parameters: our RoPE is the plain (default) one
-        "rope_theta": cfg.rope_theta, "rope_scaling": None,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-        "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False, "pretraining_tp": 1,
-        "initializer_range": cfg.init_std, "tie_word_embeddings": cfg.tie_embeddings, "lightspan": extra,
-    }
-
-
-def model_config_from_hf(raw: dict, where: str) -> ModelConfig:
-    """Our ModelConfig from a config.json; refuses what is not a TNL or Llama export we can compute."""
-    kind = raw.get("model_type")
-
-    def need(name):
-        if name not in raw:
-            raise ValueError(f"{where}: config.json of a {kind!r} model lacks {name!r}")
-        return raw[name]
-
-    def refuse_unless(name, ok, default):
-        value = raw.get(name, default)
-        if value not in ok:
-            raise ValueError(f"{where}: config.json has {name}={value!r}; lightspan supports only {ok}")
-
-    if kind == "transnormer":
-        for name, ok, default in (("norm_type", ["simplermsnorm"], "simplermsnorm"),
-                                  ("linear_act_fun", ["silu"], "silu"), ("glu_act", ["none"], "none"),
-                                  ("bias", [False], False)):
-            refuse_unless(name, ok, default)
-        dim = need("decoder_embed_dim")
-        if raw.get("hidden_dim", dim) != dim:
-            raise ValueError(f"{where}: hidden_dim ({raw['hidden_dim']}) differs from decoder_embed_dim ({dim}); "
-                             f"lightspan's TNL needs them equal")
-        layers = need("decoder_layers")
-        flags = raw.get("linear_use_lrpe_list") or []
-        cfg = ModelConfig(arch="tnl", vocab_size=need("vocab_size"), dim=dim, layers=layers,
-                          heads=need("decoder_attention_heads"), glu_dim=need("glu_dim"),
-                          lrpe_layers=[i for i, f in enumerate(flags[:layers]) if f],
-                          no_scale_embedding=bool(raw.get("no_scale_embedding", False)),
-                          norm_eps=float(raw.get("norm_eps", 1e-6)), init_std=float(raw.get("init_std", 0.02)),
-                          attention_pattern=str(raw.get("attention_pattern") or "L"),
-                          rope_theta=float(raw.get("rope_theta", 10000.0)))
-    elif kind == "llama":
-        dim, heads = need("hidden_size"), need("num_attention_heads")
-        refuse_unless("hidden_act", ["silu"], "silu")
-        refuse_unless("attention_bias", [False], False)
-        refuse_unless("mlp_bias", [False], False)
-        refuse_unless("num_key_value_heads", [heads, None], heads)
-        refuse_unless("head_dim", [dim // heads, None], None)
-        rope = raw.get("rope_parameters") or {}
-        scaling = raw.get("rope_scaling")
-        if (scaling and scaling.get("rope_type", scaling.get("type")) != "default") or \
-                rope.get("rope_type", "default") != "default":
-            raise ValueError(f"{where}: rope scaling {scaling or rope} is not supported (plain RoPE only)")
-        cfg = ModelConfig(arch="llama", vocab_size=need("vocab_size"), dim=dim, layers=need("num_hidden_layers"),
-                          heads=heads, glu_dim=need("intermediate_size"), norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-                          init_std=float(raw.get("initializer_range", 0.02)),
-                          rope_theta=float(rope.get("rope_theta", raw.get("rope_theta", 10000.0))),
-                          tie_embeddings=bool(raw.get("tie_word_embeddings", False)))
+def load_init_weights(source, model, stage: bool = False) -> None:
+    """`checkpoint.init_from`: weights only into this rank's (sharded) model, any layout. source: a lightspan
+    checkpoint or run folder, or a Hugging Face TNL/Llama folder. A shape mismatch names the tensor and both
+    shapes. Every rank calls it."""
+    if is_hf_folder(source):
+        _, state, _ = hf.read_hf_model(source)
+        checkpoint.load_full_weights(model, state, f"Hugging Face folder {source}", stage=stage)
     else:
-        raise ValueError(f"{where} is not a TNL or Llama Hugging Face export: config.json has model_type {kind!r} "
-                         f"(expected 'transnormer' or 'llama')")
-    cfg.validate()
-    return cfg
+        checkpoint.load_weights(checkpoint.resolve(source), model, stage=stage)
 
 
-# ------------------------------------------------------------------------------------------------------------
-# safetensors, sharded
-# ------------------------------------------------------------------------------------------------------------
-def parse_size(text) -> int:
-    """'5GB' -> 5e9, '200MiB' -> 200*2^20, '1234' -> 1234 bytes."""
-    s = str(text).strip().upper()
-    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
-    for unit, factor in units.items():
-        if s.endswith(unit):
-            return int(float(s[: -len(unit)]) * factor)
-    return int(s)
-
-
-def write_safetensors(tensors: dict, out_dir: Path, max_shard_bytes: int) -> list[str]:
-    """Write tensors (in order) into model.safetensors, or shards plus an index past max_shard_bytes."""
-    from safetensors.torch import save_file
-
-    shards, current, size = [], {}, 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if current and size + nbytes > max_shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[name] = t
-        size += nbytes
-    shards.append(current)
-    names = [SINGLE_FILE] if len(shards) == 1 else \
-        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    for fname, shard in zip(names, shards):
-        save_file(shard, str(out_dir / fname), metadata={"format": "pt"})
-    if len(shards) > 1:
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        index = {"metadata": {"total_size": total},
-                 "weight_map": {k: fname for fname, shard in zip(names, shards) for k in shard}}
-        (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2))
-    return names
-
-
-def read_hf_weights(hf_dir: Path) -> dict:
-    """All tensors of a HF folder: safetensors (single or indexed), else weights-only torch.load of .bin."""
-    from safetensors.torch import load_file
-
-    def indexed(index_name, loader):
-        weight_map = json.loads((hf_dir / index_name).read_text())["weight_map"]
-        out = {}
-        for fname in dict.fromkeys(weight_map.values()):
-            part = loader(hf_dir / fname)
-            out.update({k: part[k] for k in weight_map if weight_map[k] == fname and k in part})
-        lost = [k for k in weight_map if k not in out]
-        if lost:
-            raise ValueError(f"{hf_dir}: {index_name} lists tensors missing from their shard files: {lost[:6]}")
-        return out
-
-    def torch_bin(p):
-        return torch.load(p, map_location="cpu", weights_only=True)
-
-    if (hf_dir / INDEX_FILE).is_file():
-        return indexed(INDEX_FILE, lambda p: load_file(str(p)))
-    if (hf_dir / SINGLE_FILE).is_file():
-        return load_file(str(hf_dir / SINGLE_FILE))
-    if (hf_dir / "pytorch_model.bin.index.json").is_file():
-        return indexed("pytorch_model.bin.index.json", torch_bin)
-    if (hf_dir / "pytorch_model.bin").is_file():
-        return torch_bin(hf_dir / "pytorch_model.bin")
-    raise FileNotFoundError(f"{hf_dir}: no weights ({SINGLE_FILE}, {INDEX_FILE} or pytorch_model.bin)")
-
-
-# ------------------------------------------------------------------------------------------------------------
-# tokenizer
-# ------------------------------------------------------------------------------------------------------------
 def find_tokenizer(meta: dict, ckpt: Path) -> Path | None:
     """The sentencepiece model a checkpoint was trained with: data.tokenizer, else the prepared folder's
     tokenizer.model (relative paths as the run saw them, i.e. from the current folder), else one beside it."""
@@ -309,43 +75,20 @@ def find_tokenizer(meta: dict, ckpt: Path) -> Path | None:
     return next((p for p in candidates if p.is_file()), None)
 
 
-def tokenizer_ids(tok_path: Path | None) -> tuple[dict, dict]:
-    """(ids, piece strings) of unk/bos/eos/pad; lightspan's fixed defaults without a tokenizer."""
-    if tok_path is None:
-        return dict(DEFAULT_IDS), {}
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_file=str(tok_path))
-    ids = {"unk": sp.unk_id(), "bos": sp.bos_id(), "eos": sp.eos_id(), "pad": sp.pad_id()}
-    pieces = {k: (sp.id_to_piece(v) if v >= 0 else None) for k, v in ids.items()}
-    return {k: (v if v >= 0 else None) for k, v in ids.items()}, pieces
-
-
-def write_tokenizer(tok_path: Path, out: Path, pieces: dict, vocab_size: int) -> None:
-    import sentencepiece as spm
-
-    n = spm.SentencePieceProcessor(model_file=str(tok_path)).get_piece_size()
-    if n > vocab_size:
-        raise ValueError(f"tokenizer {tok_path} has {n} pieces but the model's vocab_size is {vocab_size}: "
-                         f"wrong tokenizer for this checkpoint")
-    shutil.copyfile(tok_path, out / "tokenizer.model")
-    for name in REMOTE_TOKENIZER:
-        shutil.copyfile(HF_DIR / name, out / name)
-    config = {
-        "tokenizer_class": "TransnormerTokenizer", "auto_map": TOKENIZER_AUTO_MAP,
-        "unk_token": pieces.get("unk"), "bos_token": pieces.get("bos"), "eos_token": pieces.get("eos"),
-        "pad_token": pieces.get("pad"), "add_bos_token": False, "add_eos_token": False,
-        "split_special_tokens": True, "clean_up_tokenization_spaces": False, "model_max_length": 1 << 30,
-    }
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-
-
 # ------------------------------------------------------------------------------------------------------------
 # the two directions
 # ------------------------------------------------------------------------------------------------------------
+def _check_out(src: Path, out: Path) -> None:
+    """Refuse an output folder that is, contains or lies inside the input: replacing it would delete the input."""
+    a, b = src.resolve(), out.resolve()
+    if a == b or a.is_relative_to(b) or b.is_relative_to(a):
+        raise ValueError(f"the output folder {out} overlaps the input {src} (the same folder, or one inside the "
+                         f"other): writing it would destroy the input; choose an output folder elsewhere")
+
+
 def _fresh_dir(out: Path, overwrite: bool) -> Path:
     """A temporary sibling of out to write into; renamed onto out when complete."""
-    if out.exists() and any(out.iterdir()) and not overwrite:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
@@ -355,55 +98,49 @@ def _fresh_dir(out: Path, overwrite: bool) -> Path:
 
 
 def _commit_dir(tmp: Path, out: Path) -> Path:
+    """Make the files world-readable (shared storage), then swap the finished folder in."""
+    os.chmod(tmp, 0o755)
+    for p in tmp.rglob("*"):
+        os.chmod(p, 0o755 if p.is_dir() else 0o644)
     if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+        old = out.parent / f".old-{out.name}-{os.getpid()}"
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+    else:
+        os.replace(tmp, out)
     return out
 
 
 def export_hf(ckpt, out, tokenizer=None, max_shard_size="5GB", dtype: str | None = None,
               overwrite: bool = False) -> Path:
     """Write the HF folder `out` for a lightspan checkpoint (see the module docstring)."""
-    ckpt_dir = resolve_checkpoint(ckpt)
-    cfg, state = load_model_weights(ckpt_dir)
-    if cfg.arch == "sharedllm":
-        raise ValueError(f"checkpoint {ckpt_dir} holds a SharedLLM model: the Hugging Face export covers TNL "
-                         f"(hybrids included) and Llama models only; evaluate it in place with "
-                         f"`lightspan eval {ckpt_dir}` (which reads lightspan checkpoints directly)")
-    check_state(cfg, state, f"checkpoint {ckpt_dir}")
-    meta = json.loads((ckpt_dir / "meta.json").read_text())
+    out = Path(out)
+    _check_out(Path(ckpt), out)
+    ckpt_dir = checkpoint.resolve(ckpt)
+    meta, state = checkpoint.load_model_weights(ckpt_dir)
+    cfg = model_config_from_meta(meta)
+    hf.check_exportable(cfg, f"checkpoint {ckpt_dir}")
+    hf.check_state(cfg, state, f"checkpoint {ckpt_dir}")
     tok_path = Path(tokenizer) if tokenizer else find_tokenizer(meta, ckpt_dir)
     if tokenizer and not tok_path.is_file():
         raise FileNotFoundError(f"--tokenizer {tok_path}: no such file")
-    ids, pieces = tokenizer_ids(tok_path)
+    ids, pieces = hf.tokenizer_ids(tok_path)
     data = (meta.get("config") or {}).get("data") or {}
     extra = {"source": str(ckpt_dir.resolve()), "step": meta.get("step"), "model": dataclasses.asdict(cfg),
              "context": int(max(data.get("seq_len", 0), 2 ** data.get("max_log2", 0), 4096))}
-
-    tensors, seen = {}, set()
-    for key, t in state.items():
-        if cfg.arch == "llama" and cfg.tie_embeddings and key == "lm_head.weight":
-            continue  # a tied Llama stores the embedding once, as transformers saves it
-        t = t.detach().to("cpu")
-        if dtype is not None:
-            t = t.to(DTYPES[dtype])
-        ptr = (t.untyped_storage().data_ptr(), t.storage_offset())
-        t = t.clone() if ptr in seen else t.contiguous()  # safetensors refuses shared storage
-        seen.add(ptr)
-        tensors[to_hf_key(cfg, key)] = t
-    out = Path(out)
+    tensors = hf.hf_tensors(cfg, state, hf.DTYPES[dtype] if dtype else None)
     tmp = _fresh_dir(out, overwrite)
     try:
         out_dtype = next(iter(tensors.values())).dtype
-        (tmp / "config.json").write_text(json.dumps(hf_config(cfg, ids, out_dtype, extra), indent=2))
+        (tmp / "config.json").write_text(json.dumps(hf.hf_config(cfg, ids, out_dtype, extra), indent=2))
         gen = {"bos_token_id": ids["bos"], "eos_token_id": ids["eos"], "pad_token_id": ids["pad"], "do_sample": False}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
-        write_safetensors(tensors, tmp, parse_size(max_shard_size))
-        if cfg.arch == "tnl":
-            for name in REMOTE_MODEL:
-                shutil.copyfile(HF_DIR / name, tmp / name)
+        hf.write_safetensors(tensors, tmp, hf.parse_size(max_shard_size))
+        for name in hf.shipped_code(cfg):
+            shutil.copyfile(HF_DIR / name, tmp / name)
         if tok_path is not None:
-            write_tokenizer(tok_path, tmp, pieces, cfg.vocab_size)
+            hf.write_tokenizer(tok_path, tmp, pieces, cfg.vocab_size)
             print(f"[convert] tokenizer: {tok_path}")
         else:
             print(f"[convert] no tokenizer found for {ckpt_dir} (pass --tokenizer PATH): the export has none",
@@ -415,50 +152,30 @@ def export_hf(ckpt, out, tokenizer=None, max_shard_size="5GB", dtype: str | None
 
 
 def import_hf(hf_dir, out, overwrite: bool = False) -> Path:
-    """Write a lightspan checkpoint folder `out` (state.pt + meta.json) from a TNL or Llama HF folder."""
+    """Write a weights-only lightspan checkpoint folder `out` from a TNL or Llama HF folder."""
     from pretrain.config import Config, to_dict
 
-    hf_dir = Path(hf_dir)
-    if not (hf_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{hf_dir} is not a Hugging Face model folder (no config.json)")
-    raw = json.loads((hf_dir / "config.json").read_text())
-    cfg = model_config_from_hf(raw, str(hf_dir))
-    hf_state = read_hf_weights(hf_dir)
-    state = {}
-    for key, t in hf_state.items():
-        state[from_hf_key(cfg, key)] = t
-    check_state(cfg, state, f"Hugging Face folder {hf_dir}", rename=lambda k: to_hf_key(cfg, k))
-    if cfg.arch == "tnl" or cfg.tie_embeddings:
-        if "lm_head.weight" in state and not torch.equal(state["lm_head.weight"], state["embed_tokens.weight"]):
-            raise ValueError(f"{hf_dir}: lm_head.weight differs from model.embed_tokens.weight but the model ties "
-                             f"them (TNL always; Llama with tie_word_embeddings), so it cannot be imported as is")
-        state["lm_head.weight"] = state["embed_tokens.weight"]  # tied: one tensor, as our model's state dict has it
-
+    hf_dir, out = Path(hf_dir), Path(out)
+    _check_out(hf_dir, out)
+    cfg, state, raw = hf.read_hf_model(hf_dir)
     full = Config()
     full.model = cfg
-    out = Path(out)
     tmp = _fresh_dir(out, overwrite)
     try:
         if (hf_dir / "tokenizer.model").is_file():
             shutil.copyfile(hf_dir / "tokenizer.model", tmp / "tokenizer.model")
             full.data.tokenizer = str((out / "tokenizer.model").resolve())
-        torch.save({"model": state, "step": 0}, tmp / "state.pt")
-        meta = {"config": to_dict(full), "step": 0, "tokens_seen": 0, "saved_at": time.time(),
-                "source": {"hf_dir": str(hf_dir.resolve()), "model_type": raw.get("model_type")},
-                "files": {"state.pt": _sha256(tmp / "state.pt")}}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        meta = {"config": to_dict(full), "tokens_seen": 0,
+                "source": {"hf_dir": str(hf_dir.resolve()), "model_type": raw.get("model_type")}}
+        checkpoint.write_weights(tmp / "weights", state, meta)
+        for p in (tmp / "weights").iterdir():
+            os.replace(p, tmp / p.name)
+        (tmp / "weights").rmdir()
+        checkpoint.verify(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return _commit_dir(tmp, out)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -473,26 +190,24 @@ def parse_args(argv):
     p.add_argument("out", help="the folder to write")
     p.add_argument("--tokenizer", help="sentencepiece .model to ship (default: the one the run was trained with)")
     p.add_argument("--max-shard-size", default="5GB", help="split model.safetensors past this size (e.g. 2GB, 500MB)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="cast the exported weights (default: as saved)")
+    p.add_argument("--dtype", choices=sorted(hf.DTYPES), help="cast the exported weights (default: as saved)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        if args.to:
-            out = export_hf(args.src, args.out, tokenizer=args.tokenizer, max_shard_size=args.max_shard_size,
-                            dtype=args.dtype, overwrite=args.overwrite)
-            print(f"[convert] wrote Hugging Face folder {out.resolve()}")
-        else:
-            out = import_hf(args.src, args.out, overwrite=args.overwrite)
-            print(f"[convert] wrote lightspan checkpoint {out.resolve()}")
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"lightspan convert: error: {e}", file=sys.stderr)
-        return 1
+    if args.to:  # errors reach the CLI boundary (pretrain.errors): one line, exit 2
+        out = export_hf(args.src, args.out, tokenizer=args.tokenizer, max_shard_size=args.max_shard_size,
+                        dtype=args.dtype, overwrite=args.overwrite)
+        print(f"[convert] wrote Hugging Face folder {out.resolve()}")
+    else:
+        out = import_hf(args.src, args.out, overwrite=args.overwrite)
+        print(f"[convert] wrote lightspan checkpoint {out.resolve()}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pretrain.errors import run_cli
+
+    sys.exit(run_cli(main))

@@ -1,7 +1,7 @@
-"""The trainer's multi-process path: process group from the torchrun environment, mesh, coordinates, and
-layout-independent (full-tensor) checkpoint state.
+"""Process group, mesh and coordinates for every run: torchrun's world, or a world of one.
 
-A run is distributed when WORLD_SIZE > 1 (torchrun, slurm via launch/). Backend: nccl on CUDA, gloo on CPU.
+There is one training path: a single process is a (1, 1, 1, 1) mesh over a process group of one, and runs the
+same train step and checkpointer as a thousand ranks. Backend: nccl on CUDA, gloo on CPU.
 """
 from __future__ import annotations
 
@@ -62,59 +62,41 @@ def _attempt_store(rank: int, world: int, timeout: datetime.timedelta):
     return dist.PrefixStore(f"lightspan/attempt_{attempt}", store)
 
 
-def setup_distributed(cfg, device: torch.device, timeout_s: float = 600.0) -> DistEnv | None:
-    """None for a single process; else init the process group, check the layout and build the mesh.
+def init_process_group(device_type: str = "cpu", timeout_s: float = 600.0) -> bool:
+    """The one process-group helper: join the group torchrun describes, or make a group of one (no torchrun).
 
-    The layout is checked against the world size before any communication, with the numbers in the error.
+    Backend: nccl on CUDA, gloo on CPU. A world of one uses an in-memory store, so one process runs the very
+    same collectives-based code as a thousand (torchtitan's degree-1 mesh). Returns whether this call made it.
+    """
+    if dist.is_initialized():
+        return False
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    if world <= 1:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    else:
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout,
+                                store=_attempt_store(rank, world, timeout))
+    return True
+
+
+def setup_distributed(cfg, device: torch.device, timeout_s: float = 600.0) -> DistEnv:
+    """Init the process group (a world of one without torchrun), check the layout, build the mesh.
+
+    The layout is checked against the world size before any communication, with the numbers in the error
+    (a layout that needs several processes, started without torchrun, is refused here).
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return None
-    check_layout(cfg.parallel, world, cfg.model, cfg.data)
-    rank = int(os.environ["RANK"])
+    check_layout(cfg.parallel, world, cfg.model, cfg.data, launched=world > 1 or "RANK" in os.environ)
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    if not dist.is_initialized():
-        timeout = datetime.timedelta(seconds=timeout_s)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
-                                timeout=timeout, store=_attempt_store(rank, world, timeout))
+    init_process_group(device.type, timeout_s)
     mesh = build_mesh(cfg.parallel, device.type)
-    return DistEnv(rank, world, mesh, coords(mesh))
+    return DistEnv(dist.get_rank(), dist.get_world_size(), mesh, coords(mesh))
 
 
 def describe(env: DistEnv) -> str:
     sizes = "x".join(f"{d}{env.mesh[d].size()}" for d in DIMS)
     return f"world {env.world_size} mesh {sizes}"
-
-
-def full_state(model, optimizer, engine=None) -> tuple[dict, dict]:
-    """Full (unsharded) model and optimizer state dicts, identical to a single-process run's keys and values.
-
-    Every rank takes part in the gathers; the result is complete on every rank (cheap for the models we
-    save this way; sharded DCP checkpoints are the path for large ones).
-    """
-    if engine is not None:  # DeepSpeed: weights only (its optimizer state is partitioned its own way)
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):  # a no-op below ZeRO-3
-            return {k: v.detach().cpu().clone() for k, v in engine.module.state_dict().items()}, {}
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
-
-
-def load_full_state(model, optimizer, model_state: dict, optim_state: dict, engine=None) -> None:
-    """Load full state dicts (as `full_state` returns) into a sharded model and optimizer, any layout."""
-    if engine is not None:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=0):
-            engine.module.load_state_dict(model_state)
-        if dist.get_rank() == 0:
-            print("note: dp_engine=deepspeed checkpoints hold the weights only; AdamW moments restart at zero",
-                  flush=True)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
-                   options=StateDictOptions(full_state_dict=True))

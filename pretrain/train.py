@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from pretrain.config import ConfigError, load_config, to_dict
+from pretrain.config import load_config, to_dict
 
 
 def parse_args(argv):
@@ -53,32 +53,18 @@ def print_mesh(cfg) -> None:
 
 
 def main(argv=None) -> int:
+    """Inside the CLI error boundary (`pretrain.errors.run_cli`): known errors are one line, exit 2."""
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        cfg = load_config(args.config, overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, overrides)
     if args.dry_run:
-        from parallel.mesh import LayoutError
-
-        try:
-            dry_run(cfg)
-        except LayoutError as e:
-            print(f"layout error: {e}", file=sys.stderr)
-            return 2
+        dry_run(cfg)
         return 0
-    from parallel.mesh import LayoutError
+    from pretrain import faults
     from pretrain.trainer import Trainer
 
-    try:
-        trainer = Trainer(cfg)
-    except LayoutError as e:  # the torchrun world does not fit the layout: refused before any work
-        print(f"layout error: {e}", file=sys.stderr)
-        return 2
+    trainer = Trainer(cfg, callbacks=faults.from_environment())
     try:
         trainer.train()
     finally:
-        if trainer.env is not None:
-            trainer.env.close()
+        trainer.env.close()
     return 0

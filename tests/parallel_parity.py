@@ -36,7 +36,7 @@ def tiny_config(parallel: dict, grad_accum: int = 1, backend: str = "naive", **m
 
 def batch(step: int, model_cfg) -> dict:
     """The global batch of a step; a SharedLLM's is already split into context chunks + running text."""
-    from pretrain.data import sharedllm_batch
+    from parallel.specs import spec_for
 
     vocab, sharedllm = model_cfg.vocab_size, model_cfg.arch == "sharedllm"
     context = model_cfg.sharedllm_context_chunks * model_cfg.sharedllm_chunk if sharedllm else 0
@@ -46,7 +46,7 @@ def batch(step: int, model_cfg) -> dict:
     labels[0, context:context + 5] = -100  # uneven valid counts across dp/cp ranks: the loss must stay the global mean
     labels[3, -2:] = -100
     full = {"input_ids": ids, "labels": labels}
-    return sharedllm_batch(full, model_cfg) if sharedllm else full
+    return spec_for(model_cfg).prepare_batch(full, model_cfg, 0, 1)
 
 
 def shard_batch(full: dict, c) -> dict:
@@ -93,33 +93,45 @@ def _grads(model, engine=None) -> dict:
     return out
 
 
+def model_inputs(batch: dict) -> dict:
+    return {k: batch[k] for k in ("context_chunks", "chunk_offset", "total_chunks") if k in batch}
+
+
 def reference(cfg: Config, steps: int):
-    """Unsharded: logits, mean loss and grads on batch 0, then the losses of `steps` optimizer steps."""
-    from parallel.parallelize import TrainStep
+    """Unsharded, by hand: logits, mean loss and grads on batch 0, then the losses of `steps` plain steps
+    (F.cross_entropy on the whole batch, clip_grad_norm_, AdamW, the schedule): the simple reference that
+    every layout's TrainStep, the (1, 1, 1, 1) one included, must reproduce."""
+    import torch.nn.functional as F
 
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model)
     init = copy.deepcopy(model.state_dict())
-    from parallel.parallelize import model_inputs
-
     b0 = batch(0, cfg.model)
     logits = model(b0["input_ids"], **model_inputs(b0))
-    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), b0["labels"].flatten(), ignore_index=-100)
+    loss = F.cross_entropy(logits.flatten(0, 1), b0["labels"].flatten(), ignore_index=-100)
     loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad(set_to_none=True)
     opt = build_optimizer(model, cfg.train)
-    single = copy.deepcopy(cfg)
-    single.parallel.dp = single.parallel.cp = single.parallel.tp = single.parallel.pp = 1
-    step = TrainStep(model, opt, build_scheduler(opt, cfg.train), single, mesh=None)
-    losses = [step(batch(s, cfg.model))[0] for s in range(steps)]
+    sched = build_scheduler(opt, cfg.train)
+    losses = []
+    for s in range(steps):
+        b = batch(s, cfg.model)
+        out = model(b["input_ids"], **model_inputs(b))
+        step_loss = F.cross_entropy(out.flatten(0, 1), b["labels"].flatten(), ignore_index=-100)
+        step_loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.train.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(step_loss))
     return {"logits": logits.detach(), "loss": float(loss.detach()), "grads": grads, "state": init, "losses": losses}
 
 
 def parity_worker(rank: int, world: int, parallel: dict, steps: int = 10, grad_accum: int = 1,
                   backend: str = "naive", model_kw: dict | None = None) -> dict:
     from parallel.mesh import build_mesh, coords
-    from parallel.parallelize import TrainStep, model_inputs, parallelize, trainable_module
+    from parallel.parallelize import TrainStep, build, trainable_module
 
     torch.set_num_threads(1)
     cfg = tiny_config(parallel, grad_accum, backend, **(model_kw or {}))
@@ -128,8 +140,7 @@ def parity_worker(rank: int, world: int, parallel: dict, steps: int = 10, grad_a
     mesh = build_mesh(cfg.parallel)
     c = coords(mesh)
     cd = {"dp": c.dp, "cp": c.cp, "dp_size": cfg.parallel.dp, "cp_size": cfg.parallel.cp}
-    torch.manual_seed(cfg.train.seed)
-    parallelized = parallelize(build_model(cfg.model), mesh, cfg)
+    parallelized = build(cfg, mesh)  # on the meta device, sharded, then materialised: the trainer's path
     model = trainable_module(parallelized)  # a pipeline stage under pp: its parameters keep their global names
     for name, value in model.state_dict().items():
         name = _unshared(name, ref["state"])

@@ -100,7 +100,7 @@ def test_sigkill_after_checkpoint_resumes_bitwise(corpus, tmp_path, nproc, layou
     args = ("--train.steps=20", "--checkpoint.every=10", *layout)
     _run(_cmd(nproc, *_args(corpus, tmp_path / "straight", *args)))
     run = tmp_path / "killed"
-    proc = _start(_cmd(nproc, *_args(corpus, run, *args)), LIGHTSPAN_TEST_PAUSE_AFTER_SAVE=60)
+    proc = _start(_cmd(nproc, *_args(corpus, run, *args)), LIGHTSPAN_FAULT_PAUSE_AFTER_SAVE=60)
     _kill_when(proc, run / "checkpoints" / "step_00000010" / "meta.json")
     _run(_cmd(nproc, *_args(corpus, run, *args)))
     straight, resumed = losses_by_step(tmp_path / "straight"), losses_by_step(run)
@@ -113,16 +113,19 @@ def test_sigkill_during_save_keeps_the_previous_checkpoint(corpus, tmp_path):
     run = tmp_path / "run"
     _run(_cmd(1, *_args(corpus, run, "--train.steps=2")))
     proc = _start(_cmd(1, *_args(corpus, run, "--train.steps=4", "--checkpoint.every=2")),
-                  LIGHTSPAN_TEST_PAUSE_BEFORE_RENAME=60)
+                  LIGHTSPAN_FAULT_PAUSE_BEFORE_RENAME=60)
     deadline = time.time() + 60
-    while not list((run / "checkpoints").glob(".tmp-step_00000004*/state.pt")):  # step 4 written, not renamed
+    while not list((run / "checkpoints").glob(".tmp-step_00000004*/.metadata")):  # step 4 written, not renamed
         assert proc.poll() is None and time.time() < deadline
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert [p.name for p in checkpoint.list_complete(run)] == ["step_00000002"]  # the partial one is ignored
-    assert not list((run / "checkpoints").glob(".tmp-*"))  # ... and cleaned up
-    checkpoint.load(run / "checkpoints" / "step_00000002")
+    checkpoint.verify(run / "checkpoints" / "step_00000002")
+    out = _run(_cmd(1, *_args(corpus, run, "--train.steps=4", "--checkpoint.every=2")))
+    assert "at step 2" in out.stdout
+    assert not list((run / "checkpoints").glob(".tmp-*"))  # the next run cleaned it up
+    assert [p.name for p in checkpoint.list_complete(run)] == ["step_00000002", "step_00000004"]
 
 
 def test_corrupt_checkpoint_falls_back_to_the_previous_one(corpus, tmp_path):
@@ -131,12 +134,12 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one(corpus, tmp_path):
 
     run = tmp_path / "run"
     Trainer(load_config(None, _args(corpus, run, "--train.steps=4", "--checkpoint.every=2"))).train()
-    state = run / "checkpoints" / "step_00000004" / "state.pt"
+    state = run / "checkpoints" / "step_00000004" / "__0_0.distcp"
     data = bytearray(state.read_bytes())
     data[len(data) // 2] ^= 0xFF
     state.write_bytes(bytes(data))
     trainer = Trainer(load_config(None, _args(corpus, run, "--train.steps=4")))
-    with pytest.warns(UserWarning, match="step_00000004 is corrupt: state.pt"):
+    with pytest.warns(UserWarning, match="step_00000004 is corrupt: __0_0.distcp"):
         trainer.maybe_resume()
     assert trainer.step == 2
 
@@ -144,16 +147,19 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one(corpus, tmp_path):
 def test_on_nan_stop_raises_without_saving_and_skip_drops_the_update(corpus, tmp_path, monkeypatch):
     import math
 
+    from pretrain import faults
     from pretrain.config import load_config
     from pretrain.trainer import Trainer
 
-    monkeypatch.setenv("LIGHTSPAN_TEST_NAN_AT_STEP", "3")
+    monkeypatch.setenv("LIGHTSPAN_FAULT_NAN_AT_STEP", "3")
     stop = tmp_path / "stop"
     with pytest.raises(FloatingPointError, match="at step 3"):
-        Trainer(load_config(None, _args(corpus, stop, "--train.steps=6", "--checkpoint.every=1"))).train()
+        Trainer(load_config(None, _args(corpus, stop, "--train.steps=6", "--checkpoint.every=1")),
+                callbacks=faults.from_environment()).train()
     assert [p.name for p in checkpoint.list_complete(stop)] == ["step_00000001", "step_00000002"]
     skip = tmp_path / "skip"
-    trainer = Trainer(load_config(None, _args(corpus, skip, "--train.steps=6", "--train.on_nan=skip")))
+    trainer = Trainer(load_config(None, _args(corpus, skip, "--train.steps=6", "--train.on_nan=skip")),
+                      callbacks=faults.from_environment())
     losses = trainer.train()
     assert math.isnan(losses[2]) and all(math.isfinite(x) for x in losses[:2] + losses[3:])
     assert all(bool(p.isfinite().all()) for p in trainer.model.parameters())

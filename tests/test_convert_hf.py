@@ -61,7 +61,7 @@ def save_run(run_dir, cfg, tokenizer=""):
     full = Config()
     full.model = cfg
     full.data.tokenizer = str(tokenizer)
-    checkpoint.save(run_dir, 7, {"model": model.state_dict(), "step": 7}, {"config": to_dict(full)})
+    checkpoint.save_weights(run_dir, 7, model.state_dict(), {"config": to_dict(full)})
     return model
 
 
@@ -308,8 +308,11 @@ def test_mismatched_shapes_and_foreign_folders_refuse(tnl_export, tmp_path, caps
     (bad / "config.json").write_text((hf_dir / "config.json").read_text())
     with pytest.raises(ValueError, match=r"model\.layers\.1\.channel_mixer\.l2\.weight.*\(40, 32\).*\(48, 32\)"):
         import_hf(bad, tmp_path / "out")
-    assert main(["--from", "hf", str(bad), str(tmp_path / "out")]) == 1
-    assert "channel_mixer.l2.weight" in capsys.readouterr().err
+    from pretrain.cli import main as lightspan
+
+    assert lightspan(["convert", "--from", "hf", str(bad), str(tmp_path / "out")]) == 2  # one line, no traceback
+    err = capsys.readouterr().err
+    assert "channel_mixer.l2.weight" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
 
     del tensors["model.layers.1.channel_mixer.l2.weight"]
@@ -360,7 +363,9 @@ def test_bfloat16_export_and_refusing_to_overwrite(tmp_path, capsys):
     ids = torch.randint(0, 128, (1, 30))
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, rounded(ids), atol=1e-5, rtol=1e-5)
-    assert main(["--to", "hf", str(tmp_path / "run"), str(tmp_path / "hf")]) == 1
+    from pretrain.cli import main as lightspan
+
+    assert lightspan(["convert", "--to", "hf", str(tmp_path / "run"), str(tmp_path / "hf")]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert main(["--to", "hf", str(tmp_path / "run"), str(tmp_path / "hf"), "--overwrite"]) == 0
     assert {t.dtype for t in hf_tensors(tmp_path / "hf").values()} == {torch.float32}

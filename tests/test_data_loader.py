@@ -119,10 +119,28 @@ def test_resume_after_k_steps_yields_the_same_next_batches(corpus, kind, tmp_pat
         torch.testing.assert_close(got["labels"], e["labels"])
 
 
-def test_state_from_another_layout_or_config_is_refused(corpus):
-    state = _dd(corpus, dp_rank=0, dp_size=2).state_dict()
-    with pytest.raises(ValueError, match=r"dp_size=2.*dp_size=1"):
-        _dd(corpus).load_state_dict(state)
+def test_state_resumes_on_another_layout_and_refuses_another_config(corpus):
+    """The position is global: a dp=2 state resumes at dp=1 and dp=4 x cp=2 on the same global batches."""
+    ranks = [_dd(corpus, dp_rank=r, dp_size=2) for r in range(2)]
+    for _ in range(5):
+        for r in ranks:
+            next(r)
+    state = ranks[0].state_dict()
+    expected = [next(r) for r in ranks]  # the global batch of step 5, as two dp halves
+    whole = _dd(corpus)
+    whole.load_state_dict(state)
+    got = next(whole)
+    torch.testing.assert_close(got["input_ids"], torch.cat([e["input_ids"] for e in expected]))
+    torch.testing.assert_close(got["labels"], torch.cat([e["labels"] for e in expected]))
+    quarters = []
+    for d in range(4):
+        chunks = []
+        for c in range(2):
+            part = _dd(corpus, dp_rank=d, dp_size=4, cp_rank=c, cp_size=2)
+            part.load_state_dict(state)
+            chunks.append(next(part)["input_ids"])
+        quarters.append(torch.cat(chunks, 1))
+    torch.testing.assert_close(torch.cat(quarters), got["input_ids"])
     with pytest.raises(ValueError, match=r"curriculum: saved 'grow_p2' vs now 'uniform'"):
         _dd(corpus, dp_size=2, curriculum="uniform").load_state_dict(state)
     with pytest.raises(ValueError, match="'dd' loader"):

@@ -35,7 +35,7 @@ def run(tmp_path_factory):
     cfg.data.prepared_dir, cfg.data.loader, cfg.data.seq_len = str(prepared), "concat", 64
     torch.manual_seed(0)
     model = build_model(cfg.model)
-    checkpoint.save(root / "run", 5, {"model": model.state_dict(), "step": 5}, {"config": to_dict(cfg)})
+    checkpoint.save_weights(root / "run", 5, model.state_dict(), {"config": to_dict(cfg)})
     return root
 
 

@@ -68,7 +68,7 @@ def test_elastic_restart_resumes_and_sees_every_batch_once(corpus, tmp_path):
     straight = subprocess.run([*run, *args(tmp_path / "straight")], env=env, cwd=ROOT, capture_output=True,
                               text=True, timeout=300)
     assert straight.returncode == 0, straight.stderr[-3000:]
-    crashed = subprocess.run([*run, *args(tmp_path / "elastic")], env=dict(env, LIGHTSPAN_TEST_CRASH_AT_STEP="6"),
+    crashed = subprocess.run([*run, *args(tmp_path / "elastic")], env=dict(env, LIGHTSPAN_FAULT_CRASH_AT_STEP="6"),
                              cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert crashed.returncode == 0, crashed.stderr[-3000:]
     assert "crashes before step 6" in crashed.stdout and "resumed from" in crashed.stdout

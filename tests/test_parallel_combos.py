@@ -40,6 +40,7 @@ def _model_worker(rank, world, parallel, model_kw):
 
 
 HYBRID = {"attention_pattern": "LS"}
+LLAMA = {"arch": "llama"}
 PP2 = {"pp": 2, "microbatches": 2}
 CROSS_ONLY = {**SHAREDLLM, "sharedllm_trainable": "cross"}  # frozen decoder: stage 1 has nothing to train
 
@@ -221,3 +222,19 @@ def test_trainer_interleaved_pp2_and_resume_match_single_process(corpus, tmp_pat
     # fp32 summation-order noise of 2 micro-batches x 4 stages (measured up to 1.4e-5) past the 1F1B test's 1e-5
     for name, value in reference.state_dict().items():
         torch.testing.assert_close(merged.state_dict()[name], value, rtol=1e-4, atol=5e-5, msg=name)
+
+
+def test_world_of_one_matches_the_plain_loop():
+    """The single-process trainer path is the same TrainStep on a (1, 1, 1, 1) mesh over a group of one."""
+    run_distributed(_worker, world_size=1, args=({}, 2), timeout_s=180)
+    run_distributed(_model_worker, world_size=1, args=({}, SHAREDLLM), timeout_s=180)
+    run_distributed(_model_worker, world_size=1, args=({}, LLAMA), timeout_s=180)
+
+
+@pytest.mark.parametrize("impl", ["ring", "ulysses"])
+def test_llama_cp2_matches_unsharded(impl):
+    """The softmax baseline under cp: its SoftmaxMixer gets ring/Ulysses attention like every S layer
+    (logits and loss 1e-5, every gradient 1e-4, 3 steps)."""
+    results = run_distributed(_model_worker, world_size=2, args=({"cp": 2, "attn_cp_impl": impl}, LLAMA),
+                              timeout_s=180)
+    assert results[0]["losses"] == pytest.approx(results[1]["losses"], abs=1e-6)

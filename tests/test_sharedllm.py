@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from model import ModelConfig, build_model
 from model.sharedllm import CrossAttention, SharedLLM, build_tree, split_context
-from parallel.dist_attention import apply_dist_attention, sharedllm_cp_shard
+from parallel.dist_attention import apply_dist_attention
+from parallel.specs.sharedllm import SharedLLMSpec
 from parallel.harness import run_distributed
 from parallel.lasp import apply_lasp, cp_position_offset
 from parallel_parity import check_cp_share
@@ -167,7 +168,8 @@ def _cp_parity(rank, world, impl, B=2, n=4, T=8):
     torch.manual_seed(0)
     model = SharedLLM(tiny_cfg())
     _randomize_cross(model)
-    sharded = apply_dist_attention(apply_lasp(copy.deepcopy(model), dist.group.WORLD), dist.group.WORLD, impl)
+    sharded = apply_dist_attention(apply_lasp(copy.deepcopy(model), dist.group.WORLD), dist.group.WORLD, impl,
+                                   extra_types=(CrossAttention,))
     g = torch.Generator().manual_seed(5)
     chunks = torch.randint(0, 64, (B, n, 16), generator=g)
     ids, labels = torch.randint(0, 64, (B, T), generator=g), torch.randint(0, 64, (B, T), generator=g)
@@ -178,7 +180,8 @@ def _cp_parity(rank, world, impl, B=2, n=4, T=8):
 
     C = T // world
     sl = slice(rank * C, (rank + 1) * C)
-    local_chunks, chunk_offset = sharedllm_cp_shard(chunks, rank, world)
+    per = n // world  # this rank's share of the chunks, as SharedLLMSpec.prepare_batch cuts them
+    local_chunks, chunk_offset = chunks[:, rank * per:(rank + 1) * per], rank * per
     logits = sharded(ids[:, sl], context_chunks=local_chunks, position_offset=cp_position_offset(rank, C),
                      chunk_offset=chunk_offset, total_chunks=n)
     return check_cp_share(model, sharded, logits, logits_ref, loss_ref, labels, sl, impl)
@@ -198,12 +201,11 @@ def _tp_parity(rank, world):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor
 
-    from parallel.dist_attention import apply_sharedllm_tp
-
     torch.manual_seed(0)
     model = SharedLLM(tiny_cfg())
     _randomize_cross(model)
-    sharded = apply_sharedllm_tp(copy.deepcopy(model), init_device_mesh("cpu", (world,)))
+    sharded = copy.deepcopy(model)
+    SharedLLMSpec().apply_tp(sharded, init_device_mesh("cpu", (world,)), None, loss_parallel=False)
     g = torch.Generator().manual_seed(5)
     chunks = torch.randint(0, 64, (2, 3, 16), generator=g)
     ids, labels = torch.randint(0, 64, (2, 8), generator=g), torch.randint(0, 64, (2, 8), generator=g)
@@ -273,12 +275,10 @@ def test_sharedllm_layouts_and_lengths_refused_clearly():
 def test_sharedllm_batch_shares_context_and_text_over_cp():
     from types import SimpleNamespace
 
-    from pretrain.data import sharedllm_batch
-
     cfg = SimpleNamespace(sharedllm_context_chunks=2, sharedllm_chunk=4)
     ids = torch.arange(2 * 16).view(2, 16)
     full = {"input_ids": ids, "labels": ids + 1, "seq_len": 16, "position_offset": 0}
-    parts = [sharedllm_batch(full, cfg, r, 2) for r in range(2)]
+    parts = [SharedLLMSpec().prepare_batch(full, cfg, r, 2) for r in range(2)]
     assert parts[1]["context_chunks"].tolist() == [[[4, 5, 6, 7]], [[20, 21, 22, 23]]]
     assert parts[0]["input_ids"][0].tolist() == [8, 9, 10, 11] and parts[1]["labels"][0].tolist() == [13, 14, 15, 16]
     assert [p["position_offset"] for p in parts] == [0, 4] and [p["chunk_offset"] for p in parts] == [0, 1]

@@ -66,11 +66,12 @@ def test_grad_accumulation_does_not_change_the_step(corpus, tmp_path):
 def test_corrupt_checkpoint_is_refused(corpus, tmp_path):
     Trainer(make_cfg(corpus, tmp_path / "run", "--train.steps=2")).train()
     ckpt = checkpoint.list_complete(tmp_path / "run")[-1]
-    data = bytearray((ckpt / "state.pt").read_bytes())
+    shard = ckpt / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
-    (ckpt / "state.pt").write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="corrupt"):
-        checkpoint.load(ckpt)
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="corrupt: __0_0.distcp"):
+        checkpoint.verify(ckpt)
 
 
 def test_wrong_shape_checkpoint_is_refused(corpus, tmp_path):
