@@ -171,11 +171,10 @@ def _from_checkpoint(path: Path):
 def load_for_eval(path, device: str = "cpu", chunk_size: int = 2048, tokenizer: str | None = None) -> Loaded:
     """Build the model of a run folder (its latest checkpoint), a checkpoint folder, or an HF export folder."""
     from data_pipeline import load_tokenizer
-    from pretrain import checkpoint
+    from pretrain.convert import is_hf_folder
 
     path = Path(path)
-    if (path / "config.json").is_file() and not (path / "meta.json").is_file() \
-            and not checkpoint.checkpoint_dir(path).is_dir():
+    if is_hf_folder(path):
         from model.hf.format import read_hf_model
 
         cfg, state, raw = read_hf_model(path)  # the one HF reader (the converter's)

@@ -26,7 +26,6 @@ unpickler that admits only DCP's own metadata classes, torch.Size and dtypes; a 
 from __future__ import annotations
 
 import base64
-import copy
 import errno
 import hashlib
 import json
@@ -41,13 +40,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_state_dict,
-    set_model_state_dict,
-    set_state_dict,
-)
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
 PREFIX = "step_"
 FORMAT = "dcp"
@@ -111,11 +105,12 @@ def remove_stale(run_dir: Path) -> None:
             shutil.rmtree(stale, ignore_errors=True)
 
 
-def _inside(folder: Path, name: str) -> Path:
+def _inside(folder: Path, name: str, manifest: str = META) -> Path:
     """`folder / name`, refusing a name that leaves the folder (absolute, '..', a link out)."""
     path = Path(name)
-    if path.is_absolute() or ".." in path.parts or not name:
-        raise CheckpointError(f"{folder / META} lists the file {name!r}, which is outside the checkpoint folder: "
+    if path.is_absolute() or ".." in path.parts or not name or \
+            not (folder / path).resolve().is_relative_to(Path(folder).resolve()):
+        raise CheckpointError(f"{folder / manifest} lists the file {name!r}, which is outside the checkpoint folder: "
                               f"the checkpoint is damaged or crafted; do not use it")
     return folder / path
 
@@ -156,12 +151,19 @@ def pick_resume(run_dir: Path, resume: str) -> Path | None:
     if resume != "auto":
         verify(resume)
         return Path(resume)
+    refused = []
     for path in reversed(list_complete(run_dir)):
         try:
             verify(path)
-            return path
         except CheckpointError as e:
+            refused.append(e)
+            continue
+        for e in refused:
             warnings.warn(f"{e}; falling back to the previous checkpoint", stacklevel=2)
+        return path
+    if refused:  # starting again would train over them (and keep_last would prune them): refuse instead
+        raise CheckpointError(f"{refused[0]}; no other checkpoint of {run_dir} can be resumed either: fix or move "
+                              f"the {len(refused)} unusable one(s), or start again with checkpoint.resume=none")
     return None
 
 
@@ -186,7 +188,7 @@ _ALLOWED = {
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
     *(("torch.distributed.checkpoint.metadata", n) for n in (
         "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
-        "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")),
+        "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING", "BytesStorageMetadata")),  # the last to name and refuse
 }
 _DTYPES = {name for name in dir(torch) if isinstance(getattr(torch, name, None), torch.dtype)}
 
@@ -210,8 +212,8 @@ class SafeReader(dcp.FileSystemReader):
         try:
             with open(path, "rb") as f:
                 metadata = _MetadataUnpickler(f).load()
-        except CheckpointError:
-            raise
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e}") from None
         except FileNotFoundError:
             raise CheckpointError(f"{path} is missing: not a complete DCP checkpoint") from None
         except Exception as e:  # noqa: BLE001 - any malformed pickle
@@ -223,11 +225,40 @@ class SafeReader(dcp.FileSystemReader):
             raise CheckpointError(f"checkpoint {self.path} holds pickled (non-tensor) entries {pickled[:3]}: lightspan "
                                   f"checkpoints hold tensors only, and pickles are never loaded")
         for info in (metadata.storage_data or {}).values():
-            _inside(Path(self.path), str(info.relative_path))
+            _inside(Path(self.path), str(info.relative_path), ".metadata")
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
+
+    def read_data(self, plan, planner):
+        try:
+            return super().read_data(plan, planner)
+        except Exception as e:  # noqa: BLE001 - a truncated or damaged data file
+            files = sorted({str(self.storage_data[item.storage_index].relative_path) for item in plan.items})
+            raise CheckpointError(f"checkpoint {self.path}: {', '.join(files)} cannot be read ({type(e).__name__}: "
+                                  f"{(str(e).splitlines() or [''])[0].split('. ')[0]}): the checkpoint is damaged; "
+                                  f"delete the folder to resume from the previous one") from None
+
+
+def _load(tensors: dict, path: Path, **kwargs) -> None:
+    """dcp.load through SafeReader; DCP's CheckpointException (a BaseException) becomes the rank's own error."""
+    try:
+        dcp.load(tensors, storage_reader=SafeReader(str(path)), **kwargs)
+    except CheckpointException as e:
+        inner = _unwrap(e)
+        if isinstance(inner, CheckpointError):
+            raise inner from None
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(inner).__name__}: {inner})") from None
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """The first rank's own exception inside DCP's CheckpointException; any other exception as it is."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        first = next(iter(failures.values()))
+        return first[0] if isinstance(first, tuple) else first
+    return exc
 
 
 def tensor_metadata(path: Path) -> dict:
@@ -270,12 +301,38 @@ def _contiguous(tree):
     return tree
 
 
-def _full(tree):
+def _full(t):
     from torch.distributed.tensor import DTensor
 
-    if isinstance(tree, dict):
-        return {k: _full(v) for k, v in tree.items()}
-    return tree.full_tensor() if isinstance(tree, DTensor) else tree
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+@torch.no_grad()
+def _copy_full(dst: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy this rank's piece of the full tensor into dst (a plain tensor, or a DTensor with any placements,
+    `_StridedShard` included: the local split needs no communication)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    full = full.to(device=dst.device, dtype=dst.dtype)
+    if isinstance(dst, DTensor):
+        dst.to_local().copy_(distribute_tensor(full, dst.device_mesh, dst.placements, src_data_rank=None).to_local())
+    else:
+        dst.copy_(full)
+
+
+def _assign(model, loaded: dict, optimizer=None, loaded_optim: dict | None = None) -> None:
+    """Put loaded tensors (DCP placeholders in this layout, or full tensors) into the model's parameters and
+    persistent buffers and the optimizer's state, one tensor made whole at a time."""
+    params = dict(model.named_parameters())
+    for name, t in list(params.items()) + [(n, b) for n, b in model.named_buffers() if n in loaded]:
+        if name in loaded:
+            _copy_full(t, _full(loaded[name]))
+    if optimizer is None:
+        return
+    for name, p in params.items():
+        for key, value in optimizer.state.get(p, {}).items():
+            if torch.is_tensor(value) and key in loaded_optim.get(name, {}):
+                _copy_full(value, _full(loaded_optim[name][key]))
 
 
 def check_shapes(where, saved: dict, model_sd: dict, stage: bool = False) -> None:
@@ -331,7 +388,9 @@ class Checkpointer:
                 getattr(h, name)(path)
 
     # -- save ------------------------------------------------------------------------------------------------
-    def save(self, step: int, model, optimizer, loader, tokens_seen: int, meta: dict) -> Path:
+    def save(self, step: int, model, optimizer, loader, tokens_seen: int, meta: dict, engine=None) -> Path:
+        """engine: a DeepSpeed engine (dp_engine=deepspeed): its weights are saved, gathered, like everyone's;
+        its optimizer state is not (see `deepspeed_weights`)."""
         self.finalize()
         env, rank = self.env, self.env.rank
         root = checkpoint_dir(self.run_dir)
@@ -343,8 +402,11 @@ class Checkpointer:
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir()
             env.barrier()
-            model_sd, optim_sd = get_state_dict(model, optimizer)
-            tensors = _contiguous({"model": model_sd, "optim": optim_sd["state"]})
+            if engine is not None:
+                tensors = {"model": deepspeed_weights(engine)}
+            else:
+                model_sd, optim_sd = get_state_dict(model, optimizer)
+                tensors = _contiguous({"model": model_sd, "optim": optim_sd["state"]})
             rngs = env.all_gather_object(_rng_b64())
             if rank == 0:
                 state = {"step": step, "tokens_seen": tokens_seen, "loader": loader.state_dict(), "rng": rngs}
@@ -357,12 +419,13 @@ class Checkpointer:
                 dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(tmp)))
                 self.pending = (None, tmp, final, meta)
                 self.finalize()
-        except Exception as e:
+        except (Exception, CheckpointException) as e:  # DCP wraps a rank's error in a BaseException
             self.pending = None
             raise self._save_failed(e, tmp, final) from e
         return final
 
-    def _save_failed(self, exc: Exception, tmp: Path, final: Path) -> Exception:
+    def _save_failed(self, exc: BaseException, tmp: Path, final: Path) -> Exception:
+        exc = _unwrap(exc)
         if self.env.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         kept = list_complete(self.run_dir)
@@ -393,41 +456,75 @@ class Checkpointer:
                 os.replace(tmp, final)
                 for old in list_complete(self.run_dir)[:-self.keep_last]:
                     shutil.rmtree(old, ignore_errors=True)
-        except Exception as e:
+        except (Exception, CheckpointException) as e:
             raise self._save_failed(e, tmp, final) from e
         self.env.barrier()
         if self.env.rank == 0:
             self._hook("on_checkpoint_saved", final)
 
     # -- load ------------------------------------------------------------------------------------------------
-    def load(self, path: Path, model, optimizer, scheduler, loader, stage: bool = False) -> tuple[int, int]:
+    def load(self, path: Path, model, optimizer, scheduler, loader, stage: bool = False,
+             engine=None) -> tuple[int, int]:
         """Everything into this rank's (possibly differently sharded) model, optimizer, schedule and loader.
 
         Returns (step, tokens_seen). The optimizer's hyperparameters and the LR schedule stay those of the
-        config in effect (the schedule is set to the saved step)."""
+        config in effect (the schedule is set to the saved step). A checkpoint without optimizer state (written
+        by a DeepSpeed run) or a DeepSpeed engine to load into: weights only, AdamW moments restart at zero."""
         path = Path(path)
         saved = tensor_metadata(path)
+        if engine is not None or not any(k.startswith("optim.") for k in saved):
+            if engine is not None:
+                load_deepspeed_weights(path, engine)
+            else:
+                load_weights(path, model, stage)
+            if self.env.rank == 0:
+                print(f"note: {path} is resumed without optimizer state (DeepSpeed runs save weights only, see "
+                      f"docs/DESIGN.md); AdamW moments restart at zero", flush=True)
+            return self._load_small(path, scheduler, loader)
         model_sd, optim_sd = get_state_dict(model, optimizer)
         check_shapes(f"checkpoint {path}", {k[len("model."):]: v.size for k, v in saved.items()
                                            if k.startswith("model.")}, model_sd, stage)
-        own_groups = copy.deepcopy(optim_sd["param_groups"])  # this rank's parameters, the config's hyperparameters
         tensors = _contiguous({"model": model_sd, "optim": optim_sd["state"]})
-        if not any(k.startswith("optim.") for k in saved):
-            raise CheckpointError(f"checkpoint {path} holds weights only (no optimizer state): start a run from it "
-                                  f"with checkpoint.init_from={path} and checkpoint.resume=none")
-        dcp.load(tensors, storage_reader=SafeReader(str(path)))
-        # DCP resharded into this layout's placeholders; set_state_dict's full-tensor path then cuts each rank's
-        # (possibly strided) piece.
-        full = _full(tensors)
-        set_state_dict(model, optimizer, model_state_dict=full["model"],
-                       optim_state_dict={"state": full["optim"], "param_groups": own_groups},
-                       options=StateDictOptions(full_state_dict=True))
-        state = json.loads((path / STATE).read_text())
+        _load(tensors, path)
+        # DCP resharded into this layout's placeholders (get_state_dict created the optimizer's state); each
+        # tensor is then made whole once and this rank's (possibly strided) piece copied into place.
+        _assign(model, tensors["model"], optimizer, tensors["optim"])
+        return self._load_small(path, scheduler, loader)
+
+    def _load_small(self, path: Path, scheduler, loader) -> tuple[int, int]:
+        try:
+            state = json.loads((path / STATE).read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path / STATE} cannot be read ({e}): the checkpoint is damaged") from None
+        if "loader" not in state:
+            raise CheckpointError(f"checkpoint {path} holds weights only (no training state): start a run from it "
+                                  f"with checkpoint.init_from={path}")
         loader.load_state_dict(state["loader"])
         rngs = state["rng"]
         _set_rng(rngs[self.env.rank] if self.env.rank < len(rngs) else rngs[0])
         set_schedule_position(scheduler, int(state["step"]))
         return int(state["step"]), int(state["tokens_seen"])
+
+
+def deepspeed_weights(engine) -> dict:
+    """The full weights of a DeepSpeed engine's module (gathered under ZeRO-3), identical on every rank.
+
+    Why no optimizer state: DeepSpeed keeps it as flat fp32 partitions tied to the dp size, and its own
+    checkpoints are pickles loaded with torch.load(weights_only=False), which this reader never runs. Resuming a
+    DeepSpeed run restarts the AdamW moments (logged); dp_engine=fsdp2 resumes exactly on any layout."""
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):  # a no-op below ZeRO-3
+        return {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+
+
+def load_deepspeed_weights(path: Path, engine) -> None:
+    import deepspeed
+
+    _, state = load_model_weights(path)
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=0):
+        check_shapes(f"checkpoint {path}", {k: v.shape for k, v in state.items()}, engine.module.state_dict())
+        engine.module.load_state_dict({k: state[k] for k in engine.module.state_dict()})
 
 
 def load_weights(path: Path, model, stage: bool = False) -> None:
@@ -439,16 +536,15 @@ def load_weights(path: Path, model, stage: bool = False) -> None:
     check_shapes(f"checkpoint {path}", {k[len("model."):]: v.size for k, v in saved.items()
                                        if k.startswith("model.")}, model_sd, stage)
     tensors = _contiguous({"model": model_sd})
-    dcp.load(tensors, storage_reader=SafeReader(str(path)))
-    set_model_state_dict(model, _full(tensors)["model"], options=StateDictOptions(full_state_dict=True))
+    _load(tensors, path)
+    _assign(model, tensors["model"])
 
 
 def load_full_weights(model, state: dict, where: str, stage: bool = False) -> None:
     """Full (unsharded) weights, e.g. read from a Hugging Face folder, into this rank's model, any layout."""
     model_sd = get_model_state_dict(model)
     check_shapes(where, {k: v.shape for k, v in state.items()}, model_sd, stage)
-    set_model_state_dict(model, {k: state[k] for k in model_sd},
-                         options=StateDictOptions(full_state_dict=True))
+    _assign(model, state)
 
 
 def load_model_weights(path: Path) -> tuple[dict, dict]:
@@ -460,7 +556,7 @@ def load_model_weights(path: Path) -> tuple[dict, dict]:
              for k, md in saved.items() if k.startswith("model.")}
     if not model:
         raise CheckpointError(f"checkpoint {path} holds no model weights")
-    dcp.load({"model": model}, storage_reader=SafeReader(str(path)), no_dist=True)
+    _load({"model": model}, path, no_dist=True)
     return meta, model
 
 

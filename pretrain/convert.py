@@ -47,8 +47,11 @@ def load_model_weights(ckpt_path) -> tuple[ModelConfig, dict]:
 
 
 def is_hf_folder(path) -> bool:
+    """A Hugging Face model folder: config.json, and neither a checkpoint (meta.json) nor a run folder (a run
+    folder has its own config.json beside checkpoints/)."""
     path = Path(path)
-    return (path / "config.json").is_file() and not (path / checkpoint.META).is_file()
+    return ((path / "config.json").is_file() and not (path / checkpoint.META).is_file()
+            and not checkpoint.checkpoint_dir(path).is_dir())
 
 
 def load_init_weights(source, model, stage: bool = False) -> None:

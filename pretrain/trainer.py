@@ -109,7 +109,8 @@ class Trainer:
         p = self.cfg.parallel
         layout = {"world_size": self.env.world_size, "dp": p.dp, "pp": p.pp, "cp": p.cp, "tp": p.tp}
         meta = {"config": to_dict(self.cfg), "tokens_seen": self.tokens_seen, "layout": layout}
-        return self.checkpointer.save(self.step, self.model, self.optimizer, self.loader, self.tokens_seen, meta)
+        return self.checkpointer.save(self.step, self.model, self.optimizer, self.loader, self.tokens_seen, meta,
+                                      engine=self.train_step.engine)
 
     def _log(self, msg: str) -> None:
         if self.is_main:
@@ -126,7 +127,8 @@ class Trainer:
         if path is not None:
             meta = checkpoint.read_meta(path)
             self.step, self.tokens_seen = self.checkpointer.load(path, self.model, self.optimizer, self.scheduler,
-                                                                 self.loader, stage=stage)
+                                                                 self.loader, stage=stage,
+                                                                 engine=self.train_step.engine)
             saved = meta.get("layout", {})
             self._log(f"resumed from {path} at step {self.step} (saved at dp={saved.get('dp')} pp={saved.get('pp')} "
                       f"cp={saved.get('cp')} tp={saved.get('tp')}, now {describe(self.env)})")

@@ -56,7 +56,6 @@ TRAIN_CASES = [
     ("--model.norm_eps=.inf", ["model.norm_eps", "finite"]),
     ("--model.rope_theta=-1", ["model.rope_theta", "> 0"]),
     ('--model.vocab_size="512"', ["model.vocab_size", "expected int", "'512'", "without quotes"]),
-    ("--parallel.pp=2", ["parallel.microbatches (1)", "parallel.pp (2)", "--parallel.microbatches=2"]),
     ("--model.lrpe_layers=[0,", ["--model.lrpe_layers", "'[0,'"]),
 ]
 
@@ -64,6 +63,15 @@ TRAIN_CASES = [
 @pytest.mark.parametrize("override, words", TRAIN_CASES, ids=[c[0] for c in TRAIN_CASES])
 def test_train_dry_run_refuses_out_of_range_values(override, words):
     assert_one_line_refusal(lightspan("train", "--dry-run", "--config", TINY, override), *words)
+
+
+def test_pipeline_microbatches_default_to_pp_and_fewer_are_refused():
+    assert_one_line_refusal(lightspan("train", "--dry-run", "--config", TINY, "--parallel.pp=2",
+                                      "--parallel.microbatches=1"),
+                            "parallel.microbatches (1)", "parallel.pp (2)", "--parallel.microbatches=2")
+    res = lightspan("train", "--dry-run", "--config", TINY, "--parallel.pp=2")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert '"microbatches": 2' in res.stdout
 
 
 def test_grad_clip_inf_is_the_explicit_off_switch():

@@ -143,7 +143,7 @@ def test_trainer_tp_dp_cp_and_resume_match_single_process(corpus, tmp_path):
     final = {}
     for run in ("single", "tp"):
         model = build_model(cfg.model)
-        checkpoint.load_model_state(model, load_model_weights(tmp_path / run)[1])
+        model.load_state_dict(load_model_weights(tmp_path / run)[1])
         final[run] = model.state_dict()
     for name, value in final["single"].items():
         torch.testing.assert_close(final["tp"][name], value, rtol=1e-4, atol=1e-5, msg=name)
@@ -181,9 +181,9 @@ def test_trainer_pp2_and_resume_match_single_process(corpus, tmp_path):
 
     cfg = _trainer_cfg(corpus, tmp_path / "single")
     merged = build_model(cfg.model)  # both stages' shards merge into one plain model
-    checkpoint.load_model_state(merged, load_model_weights(tmp_path / "pp")[1])
+    merged.load_state_dict(load_model_weights(tmp_path / "pp")[1])
     reference = build_model(cfg.model)
-    checkpoint.load_model_state(reference, load_model_weights(tmp_path / "single")[1])
+    reference.load_state_dict(load_model_weights(tmp_path / "single")[1])
     for name, value in reference.state_dict().items():
         torch.testing.assert_close(merged.state_dict()[name], value, rtol=1e-4, atol=1e-5, msg=name)
 
@@ -216,8 +216,8 @@ def test_trainer_interleaved_pp2_and_resume_match_single_process(corpus, tmp_pat
 
     cfg = _trainer_cfg(corpus, tmp_path / "single", "--model.layers=4")
     merged, reference = build_model(cfg.model), build_model(cfg.model)
-    checkpoint.load_model_state(merged, load_model_weights(tmp_path / "il")[1])
-    checkpoint.load_model_state(reference, load_model_weights(tmp_path / "single")[1])
+    merged.load_state_dict(load_model_weights(tmp_path / "il")[1])
+    reference.load_state_dict(load_model_weights(tmp_path / "single")[1])
     # every tensor of both ranks' stages is in the checkpoint under its global name; 4 Adam steps amplify the
     # fp32 summation-order noise of 2 micro-batches x 4 stages (measured up to 1.4e-5) past the 1F1B test's 1e-5
     for name, value in reference.state_dict().items():

@@ -79,3 +79,46 @@ def test_wrong_shape_checkpoint_is_refused(corpus, tmp_path):
     other = Trainer(make_cfg(corpus, tmp_path / "run", "--train.steps=2", "--model.glu_dim=48"))
     with pytest.raises(ValueError, match="channel_mixer.l1.weight"):
         other.train()
+
+
+def test_resume_with_a_new_lr_applies_it_and_says_so(corpus, tmp_path, capsys):
+    from pretrain.optim import lr_factor
+
+    Trainer(make_cfg(corpus, tmp_path / "run", "--train.steps=6")).train(stop_after=3)
+    resumed = Trainer(make_cfg(corpus, tmp_path / "run", "--train.steps=6", "--train.lr=2e-3"))
+    resumed.maybe_resume()
+    assert resumed.step == 3
+    assert "config changed on resume, applied from this step: train.lr 0.01 -> 0.002" in capsys.readouterr().out
+    expected = 2e-3 * lr_factor(3, 2, 6, resumed.cfg.train.min_lr_ratio)
+    assert [g["lr"] for g in resumed.optimizer.param_groups] == pytest.approx([expected] * 2)
+    resumed.train()
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert recorded["train"]["lr"] == 2e-3  # the config on record is the one in effect
+    meta = json.loads((checkpoint.list_complete(tmp_path / "run")[-1] / "meta.json").read_text())
+    assert meta["config"]["train"]["lr"] == 2e-3
+
+
+def test_skipped_updates_are_capped(corpus, tmp_path, monkeypatch):
+    from pretrain import faults
+
+    monkeypatch.setenv("LIGHTSPAN_FAULT_NAN_AT_STEP", "2")
+    cfg = make_cfg(corpus, tmp_path / "run", "--train.steps=4", "--train.on_nan=skip", "--train.max_skipped_steps=0")
+    with pytest.raises(FloatingPointError, match="more than train.max_skipped_steps=0"):
+        Trainer(cfg, callbacks=faults.from_environment()).train()
+
+
+def test_a_multi_rank_layout_without_torchrun_is_refused(corpus, tmp_path, monkeypatch):
+    from parallel.mesh import LayoutError
+
+    for var in ("WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(LayoutError, match=r"needs 2 processes.*torchrun --nproc_per_node=2"):
+        Trainer(make_cfg(corpus, tmp_path / "run", "--parallel.tp=2"))
+
+
+def test_a_finished_run_says_so_and_trains_nothing(corpus, tmp_path, capsys):
+    Trainer(make_cfg(corpus, tmp_path / "run", "--train.steps=2")).train()
+    before = sorted(p.name for p in checkpoint.list_complete(tmp_path / "run"))
+    assert Trainer(make_cfg(corpus, tmp_path / "run", "--train.steps=2")).train() == []
+    assert "the run is already complete at step 2" in capsys.readouterr().out
+    assert sorted(p.name for p in checkpoint.list_complete(tmp_path / "run")) == before

@@ -59,7 +59,7 @@ def test_trainer_tp_cp_pp_match_single_process(model, corpus, tmp_path):
 
         cfg = _cfg(corpus, tmp_path / "single", model)
         merged, reference = build_model(cfg.model), build_model(cfg.model)
-        checkpoint.load_model_state(merged, load_model_weights(tmp_path / "pp")[1])
-        checkpoint.load_model_state(reference, load_model_weights(tmp_path / "single")[1])
+        merged.load_state_dict(load_model_weights(tmp_path / "pp")[1])
+        reference.load_state_dict(load_model_weights(tmp_path / "single")[1])
         for name, value in reference.state_dict().items():
             torch.testing.assert_close(merged.state_dict()[name], value, rtol=1e-4, atol=1e-5, msg=name)
