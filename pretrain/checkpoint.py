@@ -484,8 +484,12 @@ class Checkpointer:
         model_sd, optim_sd = get_state_dict(model, optimizer)
         check_shapes(f"checkpoint {path}", {k[len("model."):]: v.size for k, v in saved.items()
                                            if k.startswith("model.")}, model_sd, stage)
-        tensors = _contiguous({"model": model_sd, "optim": optim_sd["state"]})
+        # A tied weight's optimizer state is saved under the name its holder used (the embedding without pp;
+        # each end of a pipeline saves its own copy): read it under whichever name the checkpoint has.
+        optim = {_saved_name(saved, name): v for name, v in optim_sd["state"].items()}
+        tensors = _contiguous({"model": model_sd, "optim": optim})
         _load(tensors, path)
+        tensors["optim"] = {name: tensors["optim"][_saved_name(saved, name)] for name in optim_sd["state"]}
         # DCP resharded into this layout's placeholders (get_state_dict created the optimizer's state); each
         # tensor is then made whole once and this rank's (possibly strided) piece copied into place.
         _assign(model, tensors["model"], optimizer, tensors["optim"])
@@ -496,14 +500,33 @@ class Checkpointer:
             state = json.loads((path / STATE).read_text())
         except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{path / STATE} cannot be read ({e}): the checkpoint is damaged") from None
-        if "loader" not in state:
+        if not isinstance(state, dict) or "loader" not in state:
             raise CheckpointError(f"checkpoint {path} holds weights only (no training state): start a run from it "
                                   f"with checkpoint.init_from={path}")
+        missing = [k for k in ("step", "tokens_seen", "rng") if k not in state]
+        if missing or not isinstance(state["rng"], list) or not state["rng"]:
+            raise CheckpointError(f"{path / STATE} lacks {missing or ['rng']}: the checkpoint is damaged; resume from "
+                                  f"an earlier one or start with checkpoint.resume=none")
         loader.load_state_dict(state["loader"])
         rngs = state["rng"]
         _set_rng(rngs[self.env.rank] if self.env.rank < len(rngs) else rngs[0])
         set_schedule_position(scheduler, int(state["step"]))
         return int(state["step"]), int(state["tokens_seen"])
+
+
+TIED = ("embed_tokens.weight", "lm_head.weight")  # a decoder's tied table: one tensor under two names
+
+
+def _saved_name(saved: dict, name: str) -> str:
+    """`name`, or its tied alias when only the alias has optimizer state in the checkpoint."""
+    if any(k.startswith(f"optim.{name}.") for k in saved):
+        return name
+    for a, b in (TIED, TIED[::-1]):
+        if name.endswith(a):
+            alias = name[:-len(a)] + b
+            if any(k.startswith(f"optim.{alias}.") for k in saved):
+                return alias
+    return name
 
 
 def deepspeed_weights(engine) -> dict:

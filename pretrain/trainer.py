@@ -121,8 +121,15 @@ class Trainer:
         weights (step 0, fresh optimizer), else from the initialisation."""
         ck = self.cfg.checkpoint
         # rank 0 picks (checksums every file, skips corrupt ones with a warning); the others follow
-        path = checkpoint.pick_resume(self.run_dir, ck.resume) if self.is_main else None
-        path = self.env.broadcast_object(path)
+        path, error = None, None
+        if self.is_main:
+            try:
+                path = checkpoint.pick_resume(self.run_dir, ck.resume)
+            except checkpoint.CheckpointError as e:  # every rank raises it, none waits at the broadcast
+                error = str(e)
+        path, error = self.env.broadcast_object((path, error))
+        if error is not None:
+            raise checkpoint.CheckpointError(error)
         stage = self.cfg.parallel.pp > 1
         if path is not None:
             meta = checkpoint.read_meta(path)

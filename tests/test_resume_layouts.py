@@ -75,7 +75,8 @@ def _killed_then_resumed(corpus, run, before: tuple, nproc_before: int, after: t
     ((), 1, ("--parallel.dp=2",), 2),
     ((), 1, ("--parallel.cp=2",), 2),
     (("--parallel.dp=2",), 2, ("--parallel.tp=2", "--parallel.dp=2"), 4),
-], ids=["dp1-to-dp2", "dp1-to-cp2", "dp2-to-tp2xdp2"])
+    ((), 1, ("--parallel.pp=2",), 2),
+], ids=["dp1-to-dp2", "dp1-to-cp2", "dp2-to-tp2xdp2", "dp1-to-pp2"])
 def test_resume_on_another_layout_continues_the_same_run(corpus, straight, tmp_path, before, nb, after, na):  # noqa: F811
     run = tmp_path / "run"
     _killed_then_resumed(corpus, run, before, nb, after, na)
