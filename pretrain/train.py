@@ -8,11 +8,35 @@ import sys
 from pretrain.config import load_config, to_dict
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(prog="lightspan train", description="Pretrain a model from a YAML config.",
-                                epilog="Any config field can be overridden: --train.lr=3e-4 --model.layers=4")
+class _HelpWithFields(argparse.Action):
+    """-h/--help: the options, then every config field (generated from the schema: pretrain.config_doc)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from pretrain.config_doc import fields_help
+
+        parser.print_help()
+        print()
+        print(fields_help())
+        parser.exit()
+
+
+def parse_args(argv, prog: str = "lightspan train"):
+    p = argparse.ArgumentParser(
+        prog=prog, add_help=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage=f"{prog} [--config FILE] [--dry-run] [--section.key=VALUE ...]",
+        description="Pretrain a model from a YAML config (the same as `python -m pretrain`; under torchrun, every "
+                    "rank runs it).",
+        epilog="Any config field below can be overridden: --train.lr=3e-4 --model.layers=4 (or --train.lr 3e-4).\n"
+               "The resolved config: `lightspan config show --config FILE [overrides]`. Launchers: "
+               "launch/torchrun.sh, launch/slurm/train.sbatch.")
+    p.add_argument("-h", "--help", action=_HelpWithFields, help="show this help and every config field, then exit")
     p.add_argument("--config", default=None, help="YAML file under configs/ (defaults: the schema's defaults)")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config, parameters and FLOPs, then exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved config, parameters, FLOPs and the mesh (built on torch's fake backend "
+                        "for any world size), then exit")
     return p.parse_known_args(argv)
 
 
