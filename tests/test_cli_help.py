@@ -47,7 +47,8 @@ def test_train_help_lists_every_config_field_with_type_default_and_meaning(train
         words = lines[path].split()
         assert words[1] == getattr(typ, "__name__", str(typ)), (path, words[1])
         assert words[2] == format_value(default), (path, words[2])
-        assert len(words) > 3 and words[3] != "-", f"{path} has no meaning in the help"
+        assert len(words) > 3 and words[3] != "-", (f"{path} has no meaning in the help: add a trailing # comment to "
+                                                     f"the field in its dataclass")
     assert "--config" in train_help and "--dry-run" in train_help and "--section.key=VALUE" in train_help
 
 
