@@ -141,3 +141,19 @@ def test_cli_sampling_is_reproducible_and_bad_arguments_are_one_line(run, capsys
                        (["--max-new-tokens", "-2"], "--max-new-tokens must be")):
         assert lightspan(["generate", str(run / "run"), *bad]) == 2
         assert words in capsys.readouterr().err
+
+
+def test_hf_export_is_readable_by_group_and_others_whatever_the_umask(run, tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o077)  # a private umask: the export must still be readable on shared storage
+    try:
+        assert lightspan(["convert", "--to", "hf", str(run / "run"), str(tmp_path / "hf")]) == 0
+    finally:
+        os.umask(old)
+    paths = [tmp_path / "hf", *(tmp_path / "hf").rglob("*")]
+    assert any(p.name == "model.safetensors" for p in paths)
+    for p in paths:
+        mode = stat.S_IMODE(p.stat().st_mode)
+        assert mode == (0o755 if p.is_dir() else 0o644), (p.name, oct(mode))
