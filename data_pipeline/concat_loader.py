@@ -3,7 +3,9 @@
 Window w covers stream tokens [w·L, w·L + L] (L+1 tokens: the input and, shifted by one, its labels), so
 windows cross document boundaries (the EOS tokens separate them) and every label is a real next token. There are
 ``(num_tokens - 1) // L`` windows; each epoch shuffles them (seed, epoch) and takes ``tokens_per_step / L`` per
-step, the remainder waiting for another epoch's shuffle.
+step, the remainder waiting for another epoch's shuffle. The stream is the training documents only: where a
+preparation holds documents out (``prepare --holdout-docs``), the windows run over the other documents joined end
+to end (``TokenStore.train_stream``), so no window reads a held-out token.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ class ConcatLoader(StatefulLoader):
         self.dp_rank, self.dp_size, self.cp_rank, self.cp_size = dp_rank, dp_size, cp_rank, cp_size
         self.config = {"tokens_per_step": tokens_per_step, "seq_len": seq_len, "seed": seed,
                        "documents_sha256": store.documents_sha256}
-        self.windows = max(store.num_tokens - 1, 0) // seq_len
+        self.stream = store.train_stream()  # the store itself unless documents are held out
+        self.windows = max(self.stream.num_tokens - 1, 0) // seq_len
         self.batch_size = tokens_per_step // seq_len  # global windows per step
         if self.windows < self.batch_size:
             raise ValueError(f"corpus in {store.dir} has {self.windows} windows of {seq_len} tokens, fewer than one "
@@ -52,8 +55,8 @@ class ConcatLoader(StatefulLoader):
         b = self.batch_size
         rows = rank_rows(self.order[step * b:(step + 1) * b], self.dp_rank, self.dp_size)
         starts = rows.astype(np.int64) * self.seq_len
-        batch = cp_batch(self.store, starts, self.seq_len, self.cp_rank, self.cp_size, has_next=True)
+        batch = cp_batch(self.stream, starts, self.seq_len, self.cp_rank, self.cp_size, has_next=True)
         batch.update(seq_len=self.seq_len, bucket=self.bucket,
                      position_offset=self.cp_rank * (self.seq_len // self.cp_size),
-                     starts=torch.from_numpy(starts))
+                     starts=torch.from_numpy(self.stream.to_physical(starts)))
         return batch

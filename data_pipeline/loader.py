@@ -1,4 +1,4 @@
-"""``build_loader``: the one call the trainer makes to get its training input."""
+"""``build_loader``: the one call the trainer makes to get its training input (one source, or a mixture)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ from pathlib import Path
 
 from .concat_loader import ConcatLoader
 from .dd_loader import DDLoader
+from .mixture import MixtureLoader, is_mixture, read_mixture
 from .shards import TokenStore
-from .tokenizer import Tokenizer, load_tokenizer
+from .tokenizer import TokenizerBase, load_tokenizer
 
 LOADER_KINDS = ("dd", "concat")
 
@@ -27,9 +28,10 @@ def build_loader(
     cp_rank: int = 0,
     cp_size: int = 1,
     verify: str = "lazy",
-    tokenizer: str | Path | Tokenizer | None = None,
+    tokenizer: str | Path | TokenizerBase | None = None,
     vocab_size: int | None = None,
-) -> DDLoader | ConcatLoader:
+    weights: list[float] | None = None,
+) -> DDLoader | ConcatLoader | MixtureLoader:
     """A stateful, dp/cp-sharded, infinite batch iterator over a prepared corpus.
 
     kind "dd": dataset decomposition, buckets 2^min_log2..2^max_log2, ordered by ``curriculum``
@@ -48,13 +50,38 @@ def build_loader(
         tokenizer's vocabulary) at open, and a corpus with ids the model cannot embed is refused with
         ``CorruptCorpusError`` naming the shard. One ``np.max`` per shard: ~1 ms more on the stdlib corpus
         (warm page cache).
+    weights: for a mixture folder (``mixture.json``, see mixture.py), the weight of each source in its order there
+        (default: the weights recorded there); each source gets a loader of ``kind`` with the same arguments, and
+        a ``MixtureLoader`` blends them.
     Each batch: ``input_ids``/``labels`` (b, T/cp_size) int64, ``seq_len`` T, ``bucket``, ``position_offset``,
-    ``starts``, ``epoch``, ``step``.
+    ``starts``, ``epoch``, ``step`` (a mixture's also ``source``, ``source_step``, ``source_epoch``).
     """
     sha = None
     if tokenizer is not None:
-        sha = (tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)).sha256
+        sha = (tokenizer if isinstance(tokenizer, TokenizerBase) else load_tokenizer(tokenizer)).sha256
+    args = dict(kind=kind, tokens_per_step=tokens_per_step, seq_len=seq_len, min_log2=min_log2, max_log2=max_log2,
+                curriculum=curriculum, cycles=cycles, seed=seed, dp_rank=dp_rank, dp_size=dp_size, cp_rank=cp_rank,
+                cp_size=cp_size)
+    if is_mixture(prepared_dir):
+        mix = read_mixture(prepared_dir)
+        sources = mix["sources"]
+        if weights is None:
+            weights = [s["weight"] for s in sources]
+        if len(weights) != len(sources):
+            raise ValueError(f"{Path(prepared_dir) / 'mixture.json'} lists {len(sources)} sources but {len(weights)} "
+                             f"weights were given")
+        children = []
+        for s in sources:
+            store = TokenStore(Path(prepared_dir) / s["dir"], verify=verify, tokenizer_sha256=sha,
+                               vocab_size=vocab_size)
+            children.append(_one_loader(store, **args))
+        return MixtureLoader(children, weights, [s["dir"] for s in sources])
     store = TokenStore(prepared_dir, verify=verify, tokenizer_sha256=sha, vocab_size=vocab_size)
+    return _one_loader(store, **args)
+
+
+def _one_loader(store: TokenStore, kind, tokens_per_step, seq_len, min_log2, max_log2, curriculum, cycles, seed,
+                dp_rank, dp_size, cp_rank, cp_size) -> DDLoader | ConcatLoader:
     if kind == "dd":
         return DDLoader(store, tokens_per_step, min_log2, max_log2, curriculum, cycles, seed,
                         dp_rank, dp_size, cp_rank, cp_size)

@@ -3,14 +3,21 @@
 A prepared folder holds::
 
     manifest.json        written last; lists everything below with sizes and sha256
-    tokenizer.model      the sentencepiece model the tokens were made with (absent for pre-tokenized input)
+    tokenizer.model      the sentencepiece model the tokens were made with, or tokenizer.json (+ tokenizer_config.json)
+                         for a Hugging Face tokenizer (absent for pre-tokenized input)
     tokens_00000.bin ... raw little-endian token ids, dtype uint16 (vocab < 65536) or uint32, one stream
-    documents.npy        int64 (N, 2): [global start, length] of each document, EOS included
+    documents.npy        int64 (N, 2): [global start, length] of each training document, EOS included
+    heldout.npy          int64 (M, 2): the held-out documents (``prepare --holdout-docs``), which no loader reads
     dd_<min>_<max>/      per-bucket piece indexes of one decomposition (see decompose.py)
+
+A sharded preparation (``prepare --shard I --num-shards N``, then ``--merge``) holds ``shard_00000/`` ...
+``shard_<N-1>/``, each a prepared folder of its own, and a merged manifest listing their token files by relative
+path (``shard_00003/tokens_00000.bin``) with one document index over the joined stream; no token is copied.
 
 Tokens form one global stream across shards (shard k holds [shard_start[k], shard_start[k+1])); a document never
 straddles two shards. Every file is written under a ``.tmp`` name and renamed when complete, and the manifest is
-written after all of them, so a manifest never points at a partial file.
+written after all of them, so a manifest never points at a partial file. Manifest paths stay inside their folder:
+a plain file name, or ``shard_NNNNN/<plain name>``; never ``..``, an absolute path or any other sub-folder.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import socket
 from pathlib import Path
 
@@ -25,8 +33,10 @@ import numpy as np
 
 MANIFEST = "manifest.json"
 DOCUMENTS = "documents.npy"
-TOKENIZER = "tokenizer.model"
+HELDOUT = "heldout.npy"
+TOKENIZER = "tokenizer.model"  # a sentencepiece tokenizer's name in a prepared folder (tokenizer.json: Hugging Face)
 FORMAT = "lightspan-tokens/1"
+SHARD_DIR = re.compile(r"shard_\d{5}")  # the sub-folders of a sharded preparation
 
 
 class CorruptCorpusError(RuntimeError, ValueError):
@@ -37,7 +47,7 @@ class CorruptCorpusError(RuntimeError, ValueError):
 # what a manifest must hold, and what each shard / document / tokenizer record must hold
 _MANIFEST_KEYS = ("format", "dtype", "vocab_size", "num_documents", "num_tokens", "shards", "documents")
 _FILE_KEYS = {"shards": ("file", "num_tokens", "bytes", "sha256"), "documents": ("file", "bytes", "sha256"),
-              "tokenizer": ("file", "sha256", "vocab_size")}
+              "tokenizer": ("file", "sha256", "vocab_size"), "heldout": ("file", "bytes", "sha256")}
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -175,6 +185,8 @@ def read_manifest(prepared_dir: str | Path) -> dict:
     records.append(("documents", manifest["documents"]))
     if manifest.get("tokenizer") is not None:
         records.append(("tokenizer", manifest["tokenizer"]))
+    if manifest.get("heldout") is not None:
+        records.append(("heldout", manifest["heldout"]))
     for section, record in records:
         if not isinstance(record, dict):
             raise CorruptCorpusError(f"{path}: an entry of {section!r} is not an object; {rerun}")
@@ -198,23 +210,40 @@ def read_manifest(prepared_dir: str | Path) -> dict:
     return manifest
 
 
+def _plain(name) -> bool:
+    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+            and os.sep not in name and "\0" not in name and not os.path.isabs(name))
+
+
 def check_file_name(name, manifest_path: Path) -> str:
-    """``name`` if it is a plain file name (no separator, not ``..``, not absolute), so it can only name a file
-    directly inside the prepared folder; else ``CorruptCorpusError`` naming it."""
-    ok = (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
-          and os.sep not in name and "\0" not in name and not os.path.isabs(name))
+    """``name`` if it can only name a file inside the prepared folder: a plain file name (no separator, not ``..``,
+    not absolute), or ``shard_NNNNN/<plain name>`` (a merged sharded preparation); else ``CorruptCorpusError``
+    naming it."""
+    ok = _plain(name)
+    if not ok and isinstance(name, str) and name.count("/") == 1:
+        folder, _, base = name.partition("/")
+        ok = SHARD_DIR.fullmatch(folder) is not None and _plain(base)
     if not ok:
         raise CorruptCorpusError(
             f"{manifest_path} lists the file name {name!r}, which is not a plain name inside {manifest_path.parent} "
-            f"(a path separator, '..' or an absolute path); nothing outside the prepared folder is read. The "
-            f"manifest was edited or damaged: re-run `lightspan prepare --source ... --out {manifest_path.parent} "
-            f"--overwrite`"
+            f"(a path separator other than a shard_NNNNN/ sub-folder, '..' or an absolute path); nothing outside "
+            f"the prepared folder is read. The manifest was edited or damaged: re-run `lightspan prepare --source ... "
+            f"--out {manifest_path.parent} --overwrite`"
         )
     return name
 
 
 def _fix_hint(prepared_dir: Path, manifest: dict) -> str:
-    spec = manifest.get("source", {}).get("spec", "...")
+    spec = (manifest.get("source") or {}).get("spec", "...")
+    merged, piece = manifest.get("merged"), manifest.get("slice")
+    if isinstance(piece, dict):  # one shard of a sharded preparation
+        parent = prepared_dir.parent
+        return (f"re-run `lightspan prepare --source {spec} --out {parent} --shard {piece.get('shard', 'I')} "
+                f"--num-shards {piece.get('num_shards', 'N')} --overwrite`, then `lightspan prepare --merge {parent}`")
+    if isinstance(merged, dict):
+        return (f"re-run the shard that holds it (`lightspan prepare --source {spec} --out {prepared_dir} --shard I "
+                f"--num-shards {merged.get('num_shards', 'N')} --overwrite`), then `lightspan prepare --merge "
+                f"{prepared_dir}`")
     return f"re-run `lightspan prepare --source {spec} --out {prepared_dir} --overwrite` to rebuild it"
 
 
@@ -253,8 +282,12 @@ class TokenStore:
         self._check_tokenizer(tokenizer_sha256, hint, verify)
 
         files = [(self.dir / s["file"], s["bytes"], s["sha256"]) for s in self.manifest["shards"]]
+        n_shards = len(files)
         doc = self.manifest["documents"]
+        held = self.manifest.get("heldout")
         files.append((self.dir / doc["file"], doc["bytes"], doc["sha256"]))
+        if held is not None:
+            files.append((self.dir / held["file"], held["bytes"], held["sha256"]))
         for n, (path, size, sha) in enumerate(files):
             if verify == "none":
                 break
@@ -265,8 +298,8 @@ class TokenStore:
                 raise CorruptCorpusError(
                     f"{path} is truncated or damaged: {actual} bytes, the manifest says {size}; {hint}"
                 )
-            is_documents = n == len(files) - 1
-            if verify == "sha256" or (verify == "lazy" and is_documents):
+            is_index = n >= n_shards  # the document index and the held-out index: small, hashed at open
+            if verify == "sha256" or (verify == "lazy" and is_index):
                 self._check_sha256(path, sha)
 
         self.shards = [np.memmap(self.dir / s["file"], dtype=self.dtype, mode="r") if s["num_tokens"] else
@@ -276,18 +309,40 @@ class TokenStore:
             if verify == "lazy" else set()
         counts = [s["num_tokens"] for s in self.manifest["shards"]]
         self.shard_starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)  # (n_shards + 1,)
-        try:
-            self.documents = np.load(self.dir / doc["file"], mmap_mode="r")  # (N, 2) [start, length]
-        except (OSError, ValueError) as e:
-            raise CorruptCorpusError(f"{self.dir / doc['file']} cannot be read as a document index ({e}); {hint}") \
-                from None
-        if self.documents.ndim != 2 or self.documents.shape[1:] != (2,):
-            raise CorruptCorpusError(f"{self.dir / doc['file']} has shape {self.documents.shape}, expected (N, 2); "
-                                     f"{hint}")
-        self.num_tokens = int(self.shard_starts[-1])
+        self.documents = self._index(doc["file"])  # (N, 2) [start, length]: the training documents
+        self.heldout = self._index(held["file"]) if held is not None else np.zeros((0, 2), np.int64)
+        self.num_tokens = int(self.shard_starts[-1])  # the whole stream, held-out documents included
         self.documents_sha256 = doc["sha256"]
+        self._train_stream = None
         if vocab_size is not None:
             self.check_token_ids(vocab_size)
+
+    def _index(self, name: str) -> np.ndarray:
+        path = self.dir / name
+        try:
+            index = np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as e:
+            raise CorruptCorpusError(f"{path} cannot be read as a document index ({e}); {self._hint}") from None
+        if index.ndim != 2 or index.shape[1:] != (2,):
+            raise CorruptCorpusError(f"{path} has shape {index.shape}, expected (N, 2); {self._hint}")
+        return index
+
+    @property
+    def train_tokens(self) -> int:
+        """Tokens of the training documents (the stream less the held-out documents)."""
+        return self.train_stream().num_tokens
+
+    def train_stream(self) -> "TokenStore | TrainStream":
+        """The training documents as one stream, for packed (concat) reads: this store itself when nothing is held
+        out (the documents tile the stream), else a ``TrainStream`` that skips the held-out documents."""
+        if not len(self.heldout):
+            return self
+        if self._train_stream is None:
+            self._train_stream = TrainStream(self, np.asarray(self.documents))
+        return self._train_stream
+
+    def to_physical(self, starts: np.ndarray) -> np.ndarray:
+        return np.asarray(starts, np.int64)
 
     def _check_sha256(self, path: Path, sha: str) -> None:
         if file_sha256(path) != sha:
@@ -332,7 +387,7 @@ class TokenStore:
                 raise CorruptCorpusError(
                     f"tokenizer mismatch: {self.dir} was prepared with tokenizer sha256 {str(recorded)[:12]}..., "
                     f"but the tokenizer given has sha256 {expected[:12]}...; use the tokenizer in "
-                    f"{self.dir / TOKENIZER}, or {hint} with your tokenizer"
+                    f"{self.dir / (tok['file'] if tok else TOKENIZER)}, or {hint} with your tokenizer"
                 )
         if tok and verify != "none":
             path = self.dir / tok["file"]
@@ -372,6 +427,54 @@ class TokenStore:
             rows = np.flatnonzero(inside & (shard == k))
             local = starts[rows] - self.shard_starts[k]
             out[rows] = self._shard(int(k))[local[:, None] + offsets[None, :]]
+        for row in np.flatnonzero(~inside):
+            out[row] = self.read(int(starts[row]), length)
+        return out
+
+
+class TrainStream:
+    """The training documents of a store joined end to end, skipping the held-out ones: position v of this stream
+    is token ``to_physical(v)`` of the store. Runs of physically adjacent documents map in one piece, so a read
+    inside a run is the store's own vectorised ``gather``; a read across a held-out gap is put together piecewise."""
+
+    def __init__(self, store: TokenStore, documents: np.ndarray):
+        self.store = store
+        self.dir = store.dir
+        starts, lengths = documents[:, 0].astype(np.int64), documents[:, 1].astype(np.int64)
+        cum = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        breaks = np.flatnonzero(starts[1:] != starts[:-1] + lengths[:-1]) + 1 if len(starts) else np.zeros(0, int)
+        first = np.concatenate([[0], breaks]).astype(np.int64) if len(starts) else np.zeros(0, np.int64)
+        self.phys = starts[first]  # (runs,) physical start of each run
+        self.vstart = cum[first]  # (runs,) its position in this stream
+        self.vend = np.append(self.vstart[1:], cum[-1]).astype(np.int64)
+        self.num_tokens = int(cum[-1])
+
+    def to_physical(self, starts: np.ndarray) -> np.ndarray:
+        starts = np.asarray(starts, np.int64)
+        run = np.searchsorted(self.vstart, starts, side="right") - 1
+        return self.phys[run] + starts - self.vstart[run]
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        out = np.empty(length, np.int64)
+        pos, done = int(start), 0
+        while done < length:
+            run = int(np.searchsorted(self.vstart, pos, side="right")) - 1
+            take = min(length - done, int(self.vend[run]) - pos)
+            if take <= 0:
+                raise IndexError(f"read of [{start}, {start + length}) past the end of the training stream "
+                                 f"({self.num_tokens})")
+            out[done:done + take] = self.store.read(int(self.phys[run]) + pos - int(self.vstart[run]), take)
+            pos += take
+            done += take
+        return out
+
+    def gather(self, starts: np.ndarray, length: int) -> np.ndarray:
+        starts = np.asarray(starts, np.int64)
+        run = np.searchsorted(self.vstart, starts, side="right") - 1
+        inside = starts + length <= self.vend[run]
+        out = np.empty((len(starts), length), np.int64)
+        if inside.any():
+            out[inside] = self.store.gather(self.phys[run[inside]] + starts[inside] - self.vstart[run[inside]], length)
         for row in np.flatnonzero(~inside):
             out[row] = self.read(int(starts[row]), length)
         return out

@@ -19,6 +19,11 @@ that does not parse (with its line number), a missing or non-text column, a sour
 
 Every source reports ``describe()`` (recorded in the manifest) and ``fingerprint()`` (what decides whether a
 re-run of ``prepare`` has anything to do).
+
+``slice_source(src, i, n)`` is shard i of n of a text source, for sharded preparation: by file when the source has
+at least n files (contiguous runs of the sorted files, balanced by bytes, each shard at least one file: the
+shards in order are the source in order), else by document (document j goes to shard j mod n: the shards in
+order are a permutation of the source's order, the same multiset of documents).
 """
 
 from __future__ import annotations
@@ -92,9 +97,16 @@ class TextSource:
     text_field: str = "text"
     split: str = "train"
     max_documents: int | None = None
+    shard: int = 0  # slice_source: this source is shard `shard` of `num_shards`, cut by `slice_by`
+    num_shards: int = 1
+    slice_by: str = ""  # "" (the whole source) | "file" (self.files is this shard's files) | "document"
 
     def describe(self) -> dict:
         d = {"spec": self.spec, "kind": self.kind, "text_field": self.text_field}
+        if self.slice_by:
+            d.update(shard=self.shard, num_shards=self.num_shards, slice_by=self.slice_by)
+            if self.slice_by == "file":
+                d["files"] = len(self.files)
         if self.kind == "stdlib":
             d["python"] = sys.version.split()[0]
             d["root"] = sysconfig.get_paths()["stdlib"]
@@ -107,6 +119,8 @@ class TextSource:
     def fingerprint(self) -> str:
         """Changes when the input changes: file names, sizes and mtimes for local inputs; the name for the hub."""
         items = [self.spec, self.kind, self.text_field, self.split, self.max_documents]
+        if self.slice_by:
+            items += [self.slice_by, self.shard, self.num_shards]
         for f in self.files:
             st = f.stat()
             items += [str(f), st.st_size, st.st_mtime_ns]
@@ -116,17 +130,24 @@ class TextSource:
         """Known in advance for the stdlib corpus (for the progress bar); None otherwise."""
         if self.kind != "stdlib":
             return None
-        return len(self.files) if self.max_documents is None else min(len(self.files), self.max_documents)
+        n = len(self.files) if self.max_documents is None else min(len(self.files), self.max_documents)
+        if self.slice_by == "document":
+            n = len(range(self.shard, n, self.num_shards))
+        return n
 
     def texts(self) -> Iterator[str]:
-        """The documents' texts in order. Raises ``SourceError`` if there are none at all."""
+        """The documents' texts in order (this shard's, for a slice). Raises ``SourceError`` if there are none at
+        all (a slice by file may be empty: the other shards hold the documents)."""
         n = 0
+        strided = self.slice_by == "document"
         for text in self._all_texts():
             if self.max_documents is not None and n >= self.max_documents:
                 return
             n += 1
+            if strided and (n - 1) % self.num_shards != self.shard:
+                continue
             yield text
-        if n == 0 and self.max_documents != 0:
+        if n == 0 and self.max_documents != 0 and self.slice_by != "file":
             where = ", ".join(str(f) for f in self.files[:3]) + (" ..." if len(self.files) > 3 else "")
             raise SourceError(
                 f"source {self.spec!r} yielded no documents: "
@@ -298,6 +319,32 @@ class MegatronSource:
             if self.max_documents is not None and n >= self.max_documents:
                 return
             yield doc
+
+
+def slice_source(src, shard: int, num_shards: int) -> TextSource:
+    """Shard ``shard`` of ``num_shards`` of a text source (see the module docstring): a deterministic function of
+    the source's sorted files and their sizes, or of document order."""
+    import dataclasses
+
+    if isinstance(src, MegatronSource):
+        raise ValueError(f"source {src.spec!r} is a Megatron corpus, already tokenized: copying it is not the slow "
+                         f"part; prepare it in one process (without --shard)")
+    if not (isinstance(num_shards, int) and num_shards >= 1 and isinstance(shard, int) and 0 <= shard < num_shards):
+        raise ValueError(f"--shard {shard} --num-shards {num_shards}: need num_shards >= 1 and 0 <= shard < "
+                         f"num_shards")
+    if len(src.files) >= num_shards and src.max_documents is None:
+        sizes = np.array([max(f.stat().st_size, 1) for f in src.files], np.int64)
+        prefix = np.concatenate([[0], np.cumsum(sizes)])
+        total, count = int(prefix[-1]), len(src.files)
+        bounds = [0]
+        for k in range(1, num_shards):
+            b = int(np.searchsorted(prefix, k * total / num_shards, side="left"))
+            b = max(b, bounds[-1] + 1)  # every shard at least one file ...
+            bounds.append(min(b, count - (num_shards - k)))  # ... and enough left for the rest
+        bounds.append(count)
+        files = src.files[bounds[shard]:bounds[shard + 1]]
+        return dataclasses.replace(src, files=files, shard=shard, num_shards=num_shards, slice_by="file")
+    return dataclasses.replace(src, shard=shard, num_shards=num_shards, slice_by="document")
 
 
 def _megatron_prefix(spec: str) -> str | None:
