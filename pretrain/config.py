@@ -28,7 +28,14 @@ class DataConfig:
     source: str = "stdlib"  # "stdlib" (embedded corpus), a local file/folder, or a hub dataset name
     text_field: str = "text"
     prepared_dir: str = "data/stdlib"  # token shards + index + tokenizer live here
-    tokenizer: str = ""  # existing sentencepiece .model; empty: train one with model.vocab_size
+    # an existing tokenizer: a sentencepiece .model, or a Hugging Face tokenizer.json or folder holding one (local
+    # only); empty: train a sentencepiece one with model.vocab_size
+    tokenizer: str = ""
+    # a mixture instead of data.source: [{path, weight, text_field, dir}, ...]; each source is prepared into
+    # prepared_dir/<dir> (default: its file name + a hash) with one tokenizer, and the loader blends them by weight
+    sources: list = field(default_factory=list)
+    holdout: float = 0.0  # fraction of the documents (evenly spread) no loader reads; evaluation's perplexity does
+    holdout_docs: int = 0  # ... or that many documents (give one of the two)
     workers: int = 2
     loader: str = "dd"  # "dd" (dataset decomposition) or "concat" (concat-and-chunk baseline)
     seq_len: int = 2048  # concat: the fixed length; dd: the longest bucket is 2^max_log2
@@ -238,6 +245,8 @@ RANGES = {
     "train.threads": Range(0, note="0 leaves torch's default"),
     "train.max_skipped_steps": Range(0, note="with train.on_nan=skip, the run stops after more skipped updates"),
     "data.workers": Range(0),
+    "data.holdout": Range(0, 1, high_open=True, note="the fraction of documents held out of training"),
+    "data.holdout_docs": Range(0, note="documents held out of training"),
     "checkpoint.every": Range(0, note="0 saves only at the end"),
     "checkpoint.keep_last": Range(1),
     "parallel.microbatches": Range(0, note="0: one per pipeline stage"),
