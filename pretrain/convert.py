@@ -66,16 +66,20 @@ def load_init_weights(source, model, stage: bool = False) -> None:
 
 
 def find_tokenizer(meta: dict, ckpt: Path) -> Path | None:
-    """The sentencepiece model a checkpoint was trained with: data.tokenizer, else the prepared folder's
-    tokenizer.model (relative paths as the run saw them, i.e. from the current folder), else one beside it."""
+    """The tokenizer a checkpoint was trained with: data.tokenizer (a sentencepiece .model, a Hugging Face
+    tokenizer.json or a folder holding one), else the prepared folder's tokenizer.model / tokenizer.json (a
+    mixture's shared one included; relative paths as the run saw them, i.e. from the current folder), else one
+    beside the checkpoint."""
     data = (meta.get("config") or {}).get("data") or {}
     candidates = []
     if data.get("tokenizer"):
         candidates.append(Path(data["tokenizer"]))
-    if data.get("prepared_dir"):
-        candidates.append(Path(data["prepared_dir"]) / "tokenizer.model")
-    candidates.append(ckpt / "tokenizer.model")
-    return next((p for p in candidates if p.is_file()), None)
+    for folder in ([Path(data["prepared_dir"])] if data.get("prepared_dir") else []) + [ckpt]:
+        candidates += [folder / "tokenizer.model", folder / "tokenizer.json"]
+    for p in candidates:
+        if p.is_file() or (p.is_dir() and ((p / "tokenizer.model").is_file() or (p / "tokenizer.json").is_file())):
+            return p
+    return None
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -126,9 +130,22 @@ def export_hf(ckpt, out, tokenizer=None, max_shard_size="5GB", dtype: str | None
     hf.check_exportable(cfg, f"checkpoint {ckpt_dir}")
     hf.check_state(cfg, state, f"checkpoint {ckpt_dir}")
     tok_path = Path(tokenizer) if tokenizer else find_tokenizer(meta, ckpt_dir)
-    if tokenizer and not tok_path.is_file():
+    if tokenizer and not tok_path.exists():
         raise FileNotFoundError(f"--tokenizer {tok_path}: no such file")
-    ids, pieces = hf.tokenizer_ids(tok_path)
+    hf_tok = None
+    if tok_path is not None:
+        from data_pipeline.tokenizer import is_hf_tokenizer, load_tokenizer
+
+        if is_hf_tokenizer(tok_path):  # a Hugging Face tokenizer: shipped as tokenizer.json + tokenizer_config.json
+            hf_tok = load_tokenizer(tok_path)
+        elif tok_path.is_dir():
+            tok_path = tok_path / "tokenizer.model"
+    if hf_tok is not None:
+        ids = {k: (v if v >= 0 else None) for k, v in (("unk", hf_tok.unk_id), ("bos", hf_tok.bos_id),
+                                                         ("eos", hf_tok.eos_id), ("pad", hf_tok.pad_id))}
+        pieces = {}
+    else:
+        ids, pieces = hf.tokenizer_ids(tok_path)
     data = (meta.get("config") or {}).get("data") or {}
     extra = {"source": str(ckpt_dir.resolve()), "step": meta.get("step"), "model": dataclasses.asdict(cfg),
              "context": int(max(data.get("seq_len", 0), 2 ** data.get("max_log2", 0), 4096))}
@@ -142,7 +159,11 @@ def export_hf(ckpt, out, tokenizer=None, max_shard_size="5GB", dtype: str | None
         hf.write_safetensors(tensors, tmp, hf.parse_size(max_shard_size))
         for name in hf.shipped_code(cfg):
             shutil.copyfile(HF_DIR / name, tmp / name)
-        if tok_path is not None:
+        if hf_tok is not None:
+            hf.write_hf_tokenizer(hf_tok.json_bytes, hf_tok.config, tmp, hf_tok.vocab_size, cfg.vocab_size,
+                                  tok_path)
+            print(f"[convert] tokenizer (Hugging Face tokenizer.json): {tok_path}")
+        elif tok_path is not None:
             hf.write_tokenizer(tok_path, tmp, pieces, cfg.vocab_size)
             print(f"[convert] tokenizer: {tok_path}")
         else:
@@ -191,7 +212,8 @@ def parse_args(argv):
     direction.add_argument("--from", dest="from_", choices=["hf"], help="Hugging Face folder -> lightspan checkpoint")
     p.add_argument("src", help="--to hf: a run folder or checkpoint folder; --from hf: a Hugging Face folder")
     p.add_argument("out", help="the folder to write")
-    p.add_argument("--tokenizer", help="sentencepiece .model to ship (default: the one the run was trained with)")
+    p.add_argument("--tokenizer", help="tokenizer to ship: a sentencepiece .model, or a Hugging Face tokenizer.json or "
+                                       "its folder (default: the one the run was trained with)")
     p.add_argument("--max-shard-size", default="5GB", help="split model.safetensors past this size (e.g. 2GB, 500MB)")
     p.add_argument("--dtype", choices=sorted(hf.DTYPES), help="cast the exported weights (default: as saved)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")

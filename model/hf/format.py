@@ -1,5 +1,5 @@
 """The Hugging Face formats lightspan reads and writes, per architecture: key names, config.json, safetensors,
-the sentencepiece tokenizer files. No checkpoints and no ranks here (`pretrain.convert` is the CLI around it).
+the tokenizer files (a sentencepiece model with our tokenizer class, or a Hugging Face tokenizer.json as is). No checkpoints and no ranks here (`pretrain.convert` is the CLI around it).
 
 TNL (arch "tnl", hybrids included) exports as a `transnormer` folder with our remote code (configuration/
 modeling/tokenization files, `auto_map`); the softmax baseline (arch "llama") as a standard `LlamaForCausalLM`
@@ -302,4 +302,17 @@ def write_tokenizer(tok_path: Path, out: Path, pieces: dict, vocab_size: int) ->
         "pad_token": pieces.get("pad"), "add_bos_token": False, "add_eos_token": False,
         "split_special_tokens": True, "clean_up_tokenization_spaces": False, "model_max_length": 1 << 30,
     }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
+
+def write_hf_tokenizer(tokenizer_json: bytes, config: dict, out: Path, n: int, vocab_size: int, where) -> None:
+    """Ship a Hugging Face tokenizer as `tokenizer.json` + `tokenizer_config.json` (its special tokens, a tokenizer
+    class AutoTokenizer knows, `split_special_tokens` as the corpus was encoded), loaded by AutoTokenizer with no
+    remote code. `n`: its vocabulary, which must fit the model's `vocab_size`."""
+    if n > vocab_size:
+        raise ValueError(f"tokenizer {where} has {n} ids but the model's vocab_size is {vocab_size}: "
+                         f"wrong tokenizer for this checkpoint")
+    (out / "tokenizer.json").write_bytes(tokenizer_json)
+    config = dict(config)
+    config.setdefault("model_max_length", 1 << 30)
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
