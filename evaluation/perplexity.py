@@ -7,8 +7,10 @@ all of its tokens, every later one only its last tokens (those past the previous
 later score sees at least L - s tokens of context. With L >= N this is one window: the full-sequence
 perplexity exp(mean_t -log p(x_t | x_<t)).
 
-Held-out split: the LAST documents of a prepared folder (in their stored order). The training loaders do not
-exclude them, so on a run that covered the whole corpus they are not unseen text; results say so.
+Held-out split: the documents a preparation kept out of training (`prepare --holdout-docs N` / `--holdout F`,
+`data.holdout_docs` / `data.holdout`; no loader reads them), in their stored order; for a mixture folder, each
+source's held-out documents in proportion to its weight. A folder prepared without a split falls back to its LAST
+documents (stored order), which the training loaders do read; results say which.
 """
 from __future__ import annotations
 
@@ -23,10 +25,44 @@ from .model_io import IGNORE, token_nll
 
 
 def heldout_tokens(prepared_dir, n_tokens: int) -> tuple[np.ndarray, dict]:
-    """The last documents of a prepared folder, concatenated in order, cut to their first n_tokens tokens."""
-    from data_pipeline import TokenStore
+    """Up to n_tokens tokens of held-out text, concatenated in order: the preparation's held-out documents when it
+    has a held-out split (a mixture: each source's, split by weight), else its last documents (see above)."""
+    from pathlib import Path
 
+    from data_pipeline import TokenStore, is_mixture, read_mixture
+
+    if is_mixture(prepared_dir):
+        sources = read_mixture(prepared_dir)["sources"]
+        total_w = sum(s["weight"] for s in sources)
+        parts, infos = [], []
+        for s in sources:
+            want = max(1, round(n_tokens * s["weight"] / total_w))
+            tokens, info = heldout_tokens(Path(prepared_dir) / s["dir"], want)
+            parts.append(tokens)
+            infos.append(dict(info, weight=s["weight"]))
+        tokens = np.concatenate(parts)[:n_tokens]
+        unseen = all(i["unseen"] for i in infos)
+        return tokens, {"prepared_dir": str(prepared_dir), "sources": infos, "tokens": int(len(tokens)),
+                        "unseen": unseen,
+                        "note": "held-out = each mixture source's held-out documents, in proportion to its weight"
+                                + ("" if unseen else " (some sources have no held-out split: their last documents, "
+                                                      "which the loaders read)")}
     store = TokenStore(prepared_dir)
+    if len(store.heldout):
+        docs = np.asarray(store.heldout)
+        parts, total = [], 0
+        for start, length in docs:
+            if total >= n_tokens:
+                break
+            take = min(int(length), n_tokens - total)
+            parts.append(store.read(int(start), take))
+            total += take
+        tokens = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+        info = {"prepared_dir": str(prepared_dir), "split": "heldout", "num_documents": len(parts),
+                "of_heldout_documents": int(len(docs)), "tokens": int(len(tokens)), "unseen": True,
+                "note": f"held-out = {len(parts)} of the {len(docs)} documents the preparation kept out of training "
+                        f"(no loader reads them)"}
+        return tokens, info
     docs = np.asarray(store.documents)
     take, total = 0, 0
     while take < len(docs) and total < n_tokens:
@@ -35,10 +71,11 @@ def heldout_tokens(prepared_dir, n_tokens: int) -> tuple[np.ndarray, dict]:
     first = len(docs) - take
     start = int(docs[first, 0])
     tokens = store.read(start, min(total, n_tokens))
-    info = {"prepared_dir": str(prepared_dir), "documents": [first, len(docs)], "num_documents": take,
-            "tokens": int(len(tokens)),
+    info = {"prepared_dir": str(prepared_dir), "split": "last_documents", "documents": [first, len(docs)],
+            "num_documents": take, "tokens": int(len(tokens)), "unseen": False,
             "note": f"held-out = the last {take} of {len(docs)} documents of the prepared folder (stored order); "
-                    f"the training loaders do not exclude them"}
+                    f"the training loaders do not exclude them (prepare with --holdout-docs N or data.holdout for "
+                    f"unseen text)"}
     return tokens, info
 
 
