@@ -34,6 +34,8 @@ Contract (the strategy object replaces `TokenMixer.attn_op`; the model module st
 """
 from __future__ import annotations
 
+import collections
+
 import torch
 import torch.distributed as dist
 
@@ -88,14 +90,16 @@ class _Lasp2Exchange(torch.autograd.Function):
     """S_loc(r) -> S_in(r) = Σ_{j<r} λ^{(r-1-j)C} S_loc(j): all-gather forward, all-gather of dS_in backward."""
 
     @staticmethod
-    def forward(ctx, s_loc, slope, C, group):
+    def forward(ctx, s_loc, slope, C, group, replay=None):
         rank, world = dist.get_rank(group), dist.get_world_size(group)
-        states = _all_gather(s_loc, group)
         lam_c = _decay(slope, C, s_loc.dtype)
+        ctx.lam_c, ctx.rank, ctx.world, ctx.group = lam_c, rank, world, group
+        if replay is not None:  # an activation-checkpoint recomputation: the state this rank received before
+            return replay.clone()
+        states = _all_gather(s_loc, group)
         s_in = torch.zeros_like(s_loc)
         for j in range(rank):  # Horner: s_in = S(r-1) + λ^C (S(r-2) + λ^C (...))
             s_in = lam_c * s_in + states[j]
-        ctx.lam_c, ctx.rank, ctx.world, ctx.group = lam_c, rank, world, group
         return s_in
 
     @staticmethod
@@ -104,22 +108,24 @@ class _Lasp2Exchange(torch.autograd.Function):
         ds_loc = torch.zeros_like(ds_in)
         for j in range(ctx.world - 1, ctx.rank, -1):
             ds_loc = ctx.lam_c * ds_loc + grads[j]
-        return ds_loc, None, None, None
+        return ds_loc, None, None, None, None
 
 
 class _Lasp1Exchange(torch.autograd.Function):
     """The same map as _Lasp2Exchange over a ring: recv G_{r-1}, send G_r; backward the reverse ring."""
 
     @staticmethod
-    def forward(ctx, s_loc, slope, C, group):
+    def forward(ctx, s_loc, slope, C, group, replay=None):
         rank, world = dist.get_rank(group), dist.get_world_size(group)
         lam_c = _decay(slope, C, s_loc.dtype)
+        ctx.lam_c, ctx.rank, ctx.world, ctx.group = lam_c, rank, world, group
+        if replay is not None:  # recomputation: no ring hop (every rank replays its own state)
+            return replay.clone()
         s_in = torch.zeros_like(s_loc)
         if rank > 0:
             dist.recv(s_in, group=group, group_src=rank - 1)
         if rank < world - 1:
             dist.send((lam_c * s_in + s_loc).contiguous(), group=group, group_dst=rank + 1)
-        ctx.lam_c, ctx.rank, ctx.world, ctx.group = lam_c, rank, world, group
         return s_in
 
     @staticmethod
@@ -129,7 +135,7 @@ class _Lasp1Exchange(torch.autograd.Function):
             dist.recv(d_next, group=ctx.group, group_src=ctx.rank + 1)
         if ctx.rank > 0:
             dist.send((ds_in + ctx.lam_c * d_next).contiguous(), group=ctx.group, group_dst=ctx.rank - 1)
-        return d_next, None, None, None
+        return d_next, None, None, None, None
 
 
 class LaspAttention:
@@ -145,11 +151,24 @@ class LaspAttention:
         self.group = _process_group(group)
         self.impl, self.backend = impl, backend
         self._exchange = _Lasp2Exchange if impl == "lasp2" else _Lasp1Exchange
+        self._stash: collections.deque = collections.deque()  # states received under activation checkpointing
 
     def __call__(self, q, k, v, slope, initial_state=None, output_final_state=False):
         C = q.shape[2]
         s_loc = local_state(k, v, slope)
-        s_in = self._exchange.apply(s_loc, slope, C, self.group)
+        from parallel.activation_checkpoint import mode
+
+        ac = mode()
+        if ac is None:
+            s_in = self._exchange.apply(s_loc, slope, C, self.group)
+        else:  # checkpointed: outside selective AC's op tracking, so forward and recomputation stay alike
+            from torch.utils._python_dispatch import _disable_current_modes
+
+            replay = self._stash.popleft() if ac == "replay" and self._stash else None
+            with _disable_current_modes():
+                s_in = self._exchange.apply(s_loc, slope, C, self.group, replay)
+            if ac == "save":
+                self._stash.append(s_in.detach())
         if initial_state is not None:
             rank = dist.get_rank(self.group)
             s_in = s_in + _decay(slope, rank * C, s_in.dtype) * initial_state.to(s_in.dtype)

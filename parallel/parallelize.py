@@ -7,7 +7,8 @@
     loss = step.forward_backward(batch); grad_norm, stepped = step.optimizer_step()
 
 `build` constructs the model on the meta device, applies the architecture spec's plans in torchtitan's order
-(tensor parallel, sequence parallel (LASP / distributed MHA), pipeline stages, FSDP2), and only then allocates
+(tensor parallel, sequence parallel (LASP / distributed MHA), activation checkpointing, compile, pipeline stages,
+FSDP2), and only then allocates
 this rank's shards and fills them with their initial values (`model.init`: each parameter a pure function of
 the seed and its name), so a 7B model never exists whole on any rank and every layout starts from the same
 weights as one process. A degree-1 dimension is a no-op. DeepSpeed wraps the model with the optimizer, so
@@ -21,8 +22,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from parallel.activation_checkpoint import apply_ac
 from parallel.data_parallel import apply_deepspeed, apply_fsdp, check_deepspeed, clip_grad_norm, set_grad_sync
-from parallel.loss import cross_entropy_sum, valid_tokens
+from parallel.loss import cross_entropy_sum, loss_targets, valid_tokens
 from parallel.mesh import DIMS, check_layout
 from parallel.specs import spec_for
 
@@ -46,11 +48,22 @@ def parallelize(model: nn.Module, mesh, cfg, device="cpu"):
     check_layout(p, mesh.size(), cfg.model)
     if p.dp_engine == "deepspeed":
         check_deepspeed(p)
+    # The fused chunked head+loss (never full logits) when the loss runs in TrainStep; a pipeline's last stage
+    # computes its (micro-batch) logits inside the schedule.
+    fused = cfg.train.loss_chunk > 0 and p.pp == 1
     if p.tp > 1:
         # Under pp the last stage's loss runs inside the schedule, outside a loss_parallel context: full logits.
-        spec.apply_tp(model, mesh["tp"], cfg, loss_parallel=p.pp == 1)
+        spec.apply_tp(model, mesh["tp"], cfg, loss_parallel=p.pp == 1, fused_head=fused)
+    if fused:
+        from parallel.loss import install_fused_head
+
+        sp = mesh["tp"].get_group() if p.tp > 1 and p.sequence_parallel else None
+        install_fused_head(spec.head(model), cfg.train.loss_chunk, seq_group=sp)
     if p.cp > 1:
         spec.apply_cp(model, mesh["cp"].get_group(), cfg)
+    apply_ac(spec.ac_units(model), cfg.train.activation_checkpointing)
+    if cfg.train.compile:
+        compile_blocks(spec.ac_units(model))
     fsdp = p.dp * p.cp > 1 and p.dp_engine == "fsdp2"
     if p.pp > 1:
         from parallel.pipeline import PipelineRunner  # stages share the (tp/cp-parallelized) modules
@@ -110,6 +123,18 @@ def build(cfg, mesh, device="cpu"):
     return parallelized
 
 
+def compile_blocks(blocks) -> None:
+    """Regional torch.compile: each block's call compiled in place (names and modules unchanged). Dynamic
+    lengths: dynamo's automatic dynamic shapes compile a block once for its first length, then once more with the
+    length symbolic; lightning attention's block loop still specialises on the number of blocks, so under
+    dataset decomposition expect at most one compile per bucket (the cache limit is raised to hold them)."""
+    import torch._dynamo
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    for block in blocks:
+        block.compile()
+
+
 def trainable_module(parallelized) -> nn.Module:
     """What the optimizer steps: the model, or a pipeline runner's stage module(s)."""
     return parallelized.module if hasattr(parallelized, "stage_modules") else parallelized
@@ -147,7 +172,8 @@ class TrainStep:
         self.group = dp_mesh(mesh).get_group() if p.dp * p.cp > 1 else None
         self.group_size = p.dp * p.cp if self.group is not None else 1
         self.pp_group = mesh["pp"].get_group() if p.pp > 1 else None
-        self.loss_parallel = p.tp > 1 and self.runner is None
+        self.fused = cfg.train.loss_chunk > 0 and self.runner is None  # the model's head returns the loss sum
+        self.loss_parallel = p.tp > 1 and self.runner is None and not self.fused
         self.engine = None
         if p.dp_engine == "deepspeed" and self.group is not None:
             self.engine = apply_deepspeed(model, optimizer, scheduler, cfg.train, p.zero_stage, self.group_size,
@@ -193,9 +219,13 @@ class TrainStep:
             else:
                 lp = nullcontext()
             with lp:  # the vocab-parallel loss needs its context around the backward too
-                with self.autocast:
-                    logits = forward(mb_ids, position_offset=offset, **mb_extra)
-                loss_sum = cross_entropy_sum(logits, mb_labels)
+                if self.fused:
+                    with self.autocast, loss_targets(mb_labels):
+                        loss_sum = forward(mb_ids, position_offset=offset, **mb_extra)
+                else:
+                    with self.autocast:
+                        logits = forward(mb_ids, position_offset=offset, **mb_extra)
+                    loss_sum = cross_entropy_sum(logits, mb_labels)
                 if self.engine is not None:
                     self.engine.set_gradient_accumulation_boundary(last)
                     self.engine.backward(loss_sum * scale, scale_wrt_gas=False)

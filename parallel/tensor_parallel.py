@@ -142,12 +142,15 @@ def check_tp(model: TransnormerLM, tp: int) -> None:
             raise ValueError(f"{name} ({value}) not divisible by parallel.tp ({tp})")
 
 
-def apply_tp(model: nn.Module, tp_mesh, loss_parallel: bool = True, sequence_parallel: bool = False) -> nn.Module:
+def apply_tp(model: nn.Module, tp_mesh, loss_parallel: bool = True, sequence_parallel: bool = False,
+             fused_head: bool = False) -> nn.Module:
     """Shard a built TransnormerLM in place over the 1-D `tp_mesh`; returns it.
 
     loss_parallel: logits come back as a DTensor sharded on the vocab (use
     `torch.distributed.tensor.parallel.loss_parallel()` around the cross-entropy); otherwise a full local tensor.
     sequence_parallel: Megatron-SP; the model's inputs stay (B, T) token ids, logits are as above.
+    fused_head: the head gets no plan of its own (`parallel.loss.install_fused_head` computes the vocab-parallel
+    chunked loss from the tied, vocab-sharded table and the replicated hidden states).
     """
     if not isinstance(model, TransnormerLM):
         raise NotImplementedError(f"tensor parallelism is implemented for the TNL decoder, not {type(model).__name__}")
@@ -159,7 +162,7 @@ def apply_tp(model: nn.Module, tp_mesh, loss_parallel: bool = True, sequence_par
     tied = model.lm_head is not None and model.embed_tokens is not None and model.lm_head.weight is model.embed_tokens.weight
 
     top = {}
-    if model.lm_head is not None:
+    if model.lm_head is not None and not fused_head:
         top["lm_head"] = ColwiseParallel(input_layouts=residual, output_layouts=logits_layout,
                                          use_local_output=not loss_parallel)
     if model.embed_tokens is not None:

@@ -67,6 +67,10 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch intra-op threads on CPU; 0 leaves torch's default
     on_nan: str = "stop"  # stop (raise, naming the step; nothing poisoned is saved) | skip (drop that update)
+    # none | full (a block keeps its input only) | selective (keeps matmul outputs, recomputes the rest)
+    activation_checkpointing: str = "none"
+    loss_chunk: int = 4096  # tokens per chunk of the fused head + cross-entropy (never full logits); 0: unchunked
+    compile: bool = False  # torch.compile each block (regional); sequence lengths marked dynamic
     max_skipped_steps: int = 10  # on_nan=skip: the run stops once more than this many updates were skipped
 
 
@@ -119,6 +123,7 @@ CHOICES = {
     "train.precision": ("fp32", "bf16"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.on_nan": ("stop", "skip"),
+    "train.activation_checkpointing": ("none", "full", "selective"),
     "parallel.dp_engine": ("fsdp2", "deepspeed"),
     "parallel.cp_impl": ("lasp2", "lasp1"),
     "parallel.attn_cp_impl": ("ring", "ulysses", "ulysses_deepspeed"),
@@ -249,6 +254,7 @@ RANGES = {
     "data.holdout_docs": Range(0, note="documents held out of training"),
     "checkpoint.every": Range(0, note="0 saves only at the end"),
     "checkpoint.keep_last": Range(1),
+    "train.loss_chunk": Range(0, note="0 computes the whole logits at once"),
     "parallel.microbatches": Range(0, note="0: one per pipeline stage"),
 }
 

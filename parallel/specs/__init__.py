@@ -14,6 +14,8 @@ A spec's hooks, each with a default for plain decoders (embed_tokens, layers, fi
     apply_tp(model, tp_mesh, cfg, loss_parallel)   the tensor-parallel plan
     apply_cp(model, cp_group, cfg)      sequence parallelism: LASP + distributed MHA on the softmax layers
     fsdp_units(model)                   the blocks FSDP2 shards one by one before the root
+    ac_units(model)                     the modules activation checkpointing wraps (forward replaced in place)
+    head(model)                         the output projection the fused chunked loss takes over
     layer_names(model) / stage_view(model, names, first, last)   pipeline stages
     loader_cp(cfg)                      whether the loader cuts sequences over cp (else prepare_batch does)
     prepare_batch(batch, cfg, cp_rank, cp_size)    a loader batch -> the model's inputs on this rank
@@ -34,10 +36,15 @@ class ArchSpec:
     def validate(self, cfg) -> None:
         """Raise ValueError naming the field and the fix for a config this architecture cannot train."""
 
-    def apply_tp(self, model, tp_mesh, cfg, loss_parallel: bool) -> None:
+    def apply_tp(self, model, tp_mesh, cfg, loss_parallel: bool, fused_head: bool = False) -> None:
         from parallel.tensor_parallel import apply_tp
 
-        apply_tp(model, tp_mesh, loss_parallel=loss_parallel, sequence_parallel=cfg.parallel.sequence_parallel)
+        apply_tp(model, tp_mesh, loss_parallel=loss_parallel, sequence_parallel=cfg.parallel.sequence_parallel,
+                 fused_head=fused_head)
+
+    def head(self, model) -> nn.Module:
+        """The output projection (tied to the embedding) that the fused chunked loss replaces."""
+        return model.lm_head
 
     def apply_cp(self, model, cp_group, cfg) -> None:
         from parallel.dist_attention import apply_dist_attention
@@ -47,6 +54,9 @@ class ArchSpec:
         apply_dist_attention(model, cp_group, impl=cfg.parallel.attn_cp_impl)
 
     def fsdp_units(self, model) -> list[nn.Module]:
+        return list(model.layers.values())
+
+    def ac_units(self, model) -> list[nn.Module]:
         return list(model.layers.values())
 
     def layer_names(self, model) -> list[str]:

@@ -67,14 +67,17 @@ class SharedLLMSpec(ArchSpec):
             raise ValueError("tensor parallelism for model.arch=sharedllm needs model.sharedllm_lower=shared")
 
     # -- parallelisms ----------------------------------------------------------------------------------------------
-    def apply_tp(self, model, tp_mesh, cfg, loss_parallel: bool) -> None:
+    def head(self, model) -> nn.Module:
+        return model.decoder.lm_head
+
+    def apply_tp(self, model, tp_mesh, cfg, loss_parallel: bool, fused_head: bool = False) -> None:
         from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
         from parallel.tensor_parallel import apply_tp
 
         if model.cfg.sharedllm_lower != "shared":
             raise ValueError("tensor parallelism for model.arch=sharedllm needs model.sharedllm_lower=shared")
-        apply_tp(model.decoder, tp_mesh, loss_parallel=loss_parallel)
+        apply_tp(model.decoder, tp_mesh, loss_parallel=loss_parallel, fused_head=fused_head)
         for ca in model.cross.values():
             parallelize_module(ca, tp_mesh, {"q_proj": ColwiseParallel(), "o_proj": RowwiseParallel()})
 
@@ -92,6 +95,18 @@ class SharedLLMSpec(ArchSpec):
         blocks = [b for name, b in model.decoder.layers.items() if not (shared and int(name) < m)]
         lower = getattr(model, "lower_layers", None)
         return blocks + (list(lower.values()) if lower else [])
+
+    def ac_units(self, model) -> list[nn.Module]:
+        """Decoder blocks above the compressor whole; in the lowest M layers (run piecewise by SharedLLM's
+        forward and, shared, by the lower tower) their token and channel mixers and the cross-attention."""
+        m = model.cfg.sharedllm_layers
+        units = []
+        for name, block in model.decoder.layers.items():
+            units += [block.token_mixer, block.channel_mixer] if int(name) < m else [block]
+        units += list(model.cross.values())
+        lower = getattr(model, "lower_layers", None)
+        return units + ([b.token_mixer for b in lower.values()] + [b.channel_mixer for b in lower.values()]
+                        if lower else [])
 
     def layer_names(self, model) -> list[str]:
         return list(model.decoder.layers.keys())
