@@ -39,9 +39,9 @@ def readme_commands(text: str) -> list[str]:
     for block in re.findall(r"^```bash\n(.*?)^```", text, flags=re.S | re.M):
         pending = ""
         for line in block.splitlines():
-            line = pending + line
+            line = pending + line.lstrip() if pending else line
             if line.rstrip().endswith("\\"):
-                pending = line.rstrip()[:-1] + " "
+                pending = line.rstrip()[:-1].rstrip() + " "
                 continue
             pending = ""
             if line.strip() and not line.strip().startswith("#"):
@@ -65,9 +65,10 @@ def test_readme_parser_and_adaptations():
     text = "x\n```bash\nmake demo   # a\n# only a comment\nlightspan train --train.steps=100 \\\n  --x=1\n```\n" \
            "```python\nnot run\n```\n```bash\nlightspan eval runs/t --out e   # tasks\n```\n"
     cmds = readme_commands(text)
-    assert cmds == ["make demo   # a", "lightspan train --train.steps=100  --x=1", "lightspan eval runs/t --out e   # tasks"]
+    assert cmds == ["make demo   # a", "lightspan train --train.steps=100 --x=1",
+                    "lightspan eval runs/t --out e   # tasks"]
     assert [adapt(c) for c in cmds] == [
-        "make -o setup demo   # a", "lightspan train --train.steps=3  --x=1",
+        "make -o setup demo   # a", "lightspan train --train.steps=3 --x=1",
         "lightspan eval runs/t --out e" + EVAL_SMALL + "  # tasks"]
 
 
