@@ -59,6 +59,13 @@ while [[ $# -gt 0 ]]; do
     --rdzv-id) value "$@"; RDZV_ID=$2; shift 2 ;;
     --log-dir) value "$@"; LOG_DIR=$2; shift 2 ;;
     --console) value "$@"; CONSOLE=$2; shift 2 ;;
+    --nproc=*) NPROC=${1#*=}; shift ;;
+    --nnodes=*) NNODES=${1#*=}; shift ;;
+    --max-restarts=*) MAX_RESTARTS=${1#*=}; shift ;;
+    --rdzv-endpoint=*) RDZV_ENDPOINT=${1#*=}; shift ;;
+    --rdzv-id=*) RDZV_ID=${1#*=}; shift ;;
+    --log-dir=*) LOG_DIR=${1#*=}; shift ;;
+    --console=*) CONSOLE=${1#*=}; shift ;;
     --dry-run) DRY_RUN=1; shift ;;
     -h|--help) usage; exit 0 ;;
     --) shift; break ;;

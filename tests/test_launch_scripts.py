@@ -84,7 +84,7 @@ def test_layout_that_does_not_match_the_launch_is_refused():
     res = _run([TORCHRUN_SH, "--nproc", "2", "--", "--config", TINY, "--parallel.tp=4"], _env())
     assert res.returncode == 2
     assert "dp*pp*cp*tp = 1*1*1*4 = 4 process(es), but this launch starts NNODES x NPROC = 1 x 2 = 2" in res.stderr
-    res = _run([TORCHRUN_SH, "--nproc", "4", "--", "--config", TINY], _env())
+    res = _run([TORCHRUN_SH, "--nproc=4", "--", "--config", TINY], _env())
     assert res.returncode == 2 and "set --parallel.dp=4" in res.stderr
 
 
