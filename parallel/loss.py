@@ -58,6 +58,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             lse = m + torch.log(sumexp)
             lses[i:i + chunk] = lse
             total += torch.where(y != IGNORE_INDEX, lse - target, torch.zeros((), device=lse.device)).sum()
+            del logits, target, sumexp  # one chunk's logits alive at a time (not this one and the next)
         ctx.save_for_backward(hidden, weight, labels, lses)
         ctx.chunk, ctx.tp_group, ctx.v0, ctx.reduce_grad = chunk, tp_group, v0, reduce_grad
         return total
@@ -81,6 +82,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             p *= ((y != IGNORE_INDEX).float() * grad_total)[:, None]
             d_hidden[i:i + ctx.chunk] = p @ weight.float()
             d_weight += p.t() @ h.float()
+            del p
         if ctx.tp_group is not None and ctx.reduce_grad:
             dist.all_reduce(d_hidden, group=ctx.tp_group)
         return d_hidden.to(hidden.dtype), d_weight.to(weight.dtype), None, None, None, None, None

@@ -1,4 +1,5 @@
-"""The one entry point: `lightspan <verb>` with verbs prepare, data, train, convert, eval, bench, generate, config.
+"""The one entry point: `lightspan <verb>` with verbs prepare, data, train, convert, eval, bench, generate, config,
+plan.
 
 Every verb answers `--help` (exit 0). Every verb runs inside one error boundary (pretrain.errors.run_cli): a bad
 config, a missing file or a full disk is one line `error: ...` on stderr with exit status 2; `--debug` anywhere
@@ -21,7 +22,8 @@ verbs:
   train     pretrain from a YAML config (same as `python -m pretrain`); --help lists every config field
   convert   checkpoint <-> Hugging Face conversion
   eval      long-context evaluation
-  bench     benchmarks: `lightspan bench {lightning,loader,lasp,attention,quality}`
+  bench     benchmarks: `lightspan bench {lightning,loader,lasp,attention,quality,memory}`
+  plan      layouts that fit: `lightspan plan --config FILE --gpus N --device h100-80gb [--seq-len L]`
   generate  continue a prompt with a trained model (greedy or sampled): `lightspan generate RUN --prompt TEXT`
   config    the config schema: `lightspan config show --config FILE [overrides]` (resolved YAML),
             `lightspan config fields` (every field, its type, default and meaning)
@@ -29,7 +31,7 @@ verbs:
 --debug (anywhere, or LIGHTSPAN_DEBUG=1): show the traceback of an error instead of its one-line message
 """
 
-BENCHES = ("lightning", "loader", "lasp", "attention", "quality")
+BENCHES = ("lightning", "loader", "lasp", "attention", "quality", "memory")
 HELP = ("-h", "--help")
 
 
@@ -168,8 +170,14 @@ def _config(argv) -> int:
     return 0
 
 
+def _plan(argv) -> int:
+    from pretrain.plan import main as plan_main
+
+    return plan_main(argv)
+
+
 VERBS = {"prepare": _prepare, "data": _data, "train": _train, "bench": _bench, "convert": _convert,
-         "eval": _eval, "generate": _generate, "config": _config}
+         "eval": _eval, "generate": _generate, "config": _config, "plan": _plan}
 
 
 def main(argv=None) -> int:

@@ -69,7 +69,7 @@ class TrainConfig:
     on_nan: str = "stop"  # stop (raise, naming the step; nothing poisoned is saved) | skip (drop that update)
     # none | full (a block keeps its input only) | selective (keeps matmul outputs, recomputes the rest)
     activation_checkpointing: str = "none"
-    loss_chunk: int = 4096  # tokens per chunk of the fused head + cross-entropy (never full logits); 0: unchunked
+    loss_chunk: int = 1024  # tokens per chunk of the fused head + cross-entropy (never full logits); 0: unchunked
     compile: bool = False  # torch.compile each block (regional); sequence lengths marked dynamic
     max_skipped_steps: int = 10  # on_nan=skip: the run stops once more than this many updates were skipped
 
@@ -105,6 +105,8 @@ class LogConfig:
     every: int = 10
     tensorboard: bool = True
     batches: bool = False  # every rank records what it read per step in <run>/batches/rank<r>.jsonl (audit)
+    # also log to Weights & Biases when wandb is installed (offline under <run>/wandb/ unless WANDB_API_KEY/WANDB_MODE)
+    wandb: bool = False
 
 
 @dataclass

@@ -194,9 +194,10 @@ class MetricsLogger:
     def log(self, rec: dict, total_steps: int) -> None:
         if not self.enabled:
             return
-        flops = rec.get("flops_per_s", 0.0)
-        rec["tflops"] = flops / 1e12
-        rec["mfu"] = flops / self.peak if self.peak else None
+        # flops_per_s is the job's; TFLOP/s and MFU are per device: MFU = job FLOP/s / (world size x device peak)
+        per_device = rec.get("flops_per_s", 0.0) / max(int(rec.get("world_size", 1)), 1)
+        rec["tflops"] = per_device / 1e12
+        rec["mfu"] = per_device / self.peak if self.peak else None
         for key, value in memory_stats(self.device).items():
             rec.setdefault(key, value)
         print(format_line(rec, total_steps), flush=True)

@@ -35,12 +35,14 @@ def parse_args(argv, prog: str = "lightspan train"):
     p.add_argument("-h", "--help", action=_HelpWithFields, help="show this help and every config field, then exit")
     p.add_argument("--config", default=None, help="YAML file under configs/ (defaults: the schema's defaults)")
     p.add_argument("--dry-run", action="store_true",
-                   help="print the resolved config, parameters, FLOPs and the mesh (built on torch's fake backend "
-                        "for any world size), then exit")
+                   help="print the resolved config, parameters, FLOPs, the mesh (built on torch's fake backend "
+                        "for any world size) and the per-rank memory estimate, then exit (refused if it does not fit)")
+    p.add_argument("--plan-device", default="h100-80gb",
+                   help="the device --dry-run sizes the layout for (h100-80gb, h200-141gb, a100-80gb, a100-40gb, cpu)")
     return p.parse_known_args(argv)
 
 
-def dry_run(cfg) -> None:
+def dry_run(cfg, plan_device: str = "h100-80gb") -> None:
     import torch
 
     from model import build_model
@@ -56,6 +58,11 @@ def dry_run(cfg) -> None:
     print(f"training FLOPs per token at seq_len {seq}: {flops_per_token(cfg.model, seq):.4e}")
     print(f"layout: dp={p.dp} pp={p.pp} cp={p.cp} tp={p.tp} world_size={p.dp * p.pp * p.cp * p.tp}")
     print_mesh(cfg)
+    from pretrain.plan import DEVICES, check_fits
+
+    if plan_device not in DEVICES:
+        raise ValueError(f"--plan-device {plan_device!r}: choose one of {sorted(DEVICES)}")
+    print(check_fits(cfg, plan_device))
 
 
 def print_mesh(cfg) -> None:
@@ -81,7 +88,7 @@ def main(argv=None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     cfg = load_config(args.config, overrides)
     if args.dry_run:
-        dry_run(cfg)
+        dry_run(cfg, args.plan_device)
         return 0
     from pretrain import faults
     from pretrain.trainer import Trainer

@@ -90,7 +90,7 @@ class Trainer:
         self.skipped_steps = 0
         self.last_step = tc.steps
         self.dp_size = p.dp  # the dp ranks of one step hold disjoint rows of the batch
-        self.metrics = (MetricsLogger(self.run_dir, tensorboard=cfg.log.tensorboard, peak_flops=device_peak(self.device))
+        self.metrics = (MetricsLogger.for_run(cfg, self.run_dir, device=self.device, peak_flops=device_peak(self.device))
                         if self.is_main else None)
 
     def _global_params(self) -> int:

@@ -51,13 +51,20 @@ def test_missing_file_is_clear(tmp_path):
         load_config(bad)
 
 
-def test_dry_run_7b_param_count():
-    out = subprocess.run([sys.executable, "-m", "pretrain", "--config", str(ROOT / "configs/tnl-7b.yaml"), "--dry-run"],
-                         capture_output=True, text=True, cwd=ROOT, check=True).stdout
+def test_dry_run_7b_param_count_and_memory_estimate():
+    layout = ["--parallel.dp=16", "--parallel.pp=2", "--parallel.tp=2", "--parallel.microbatches=8"]
+    out = subprocess.run([sys.executable, "-m", "pretrain", "--config", str(ROOT / "configs/tnl-7b.yaml"), "--dry-run",
+                          *layout], capture_output=True, text=True, cwd=ROOT, check=True).stdout
     line = next(x for x in out.splitlines() if x.startswith("parameters:"))
     n = int(line.split()[1].replace(",", ""))
     assert abs(n - 6.84e9) / 6.84e9 < 0.01
     assert "FLOPs per token" in out
+    assert "per-rank memory estimate for dp=16 pp=2 cp=1 tp=2" in out and "-> fits" in out
+    # the whole 2M-token step on one H100 does not fit: refused with the numbers and the ways out
+    bad = subprocess.run([sys.executable, "-m", "pretrain", "--config", str(ROOT / "configs/tnl-7b.yaml"),
+                          "--dry-run"], capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2 and "DOES NOT FIT" in bad.stderr and "activations" in bad.stderr
+    assert "lightspan plan" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_cli_bad_config_exits_nonzero():
