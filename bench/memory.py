@@ -6,8 +6,9 @@ Each measurement is a fresh process that builds the model through the trainer's 
 world of one, `TrainStep`), resets the peak-RSS counter (/proc/self/clear_refs, VmHWM) and runs two training
 steps on one sequence of T tokens. The growth of the peak over the resting RSS, differenced between two lengths,
 is what the step keeps per token; divided by layers x dim x 4 bytes it is the fp32 words per token per layer per
-model dimension (the number the planner multiplies by; `--write` stores it in pretrain/plan_constants.json with
-the command that measured it). A second measurement raises the vocabulary from 2K to 32K and compares the bytes
+model dimension. `--write` also measures at half the layers, splits the words per token per dim into a part per
+layer (what each block saves) and a part once per step (the block being recomputed or backpropagated, the loss),
+and stores both in pretrain/plan_constants.json with the command, for the planner. A second measurement raises the vocabulary from 2K to 32K and compares the bytes
 kept per extra token: with the chunked loss they stay near zero (only a chunk x V block is ever alive, whatever
 T); with full logits (train.loss_chunk=0) they are fp32 rows of logits and their gradient.
 """
@@ -66,7 +67,9 @@ def measure(args, mode: str, seq: int, vocab: int, loss_chunk: int) -> int:
     cmd = [sys.executable, "-m", "bench.memory", "--child", "--mode", mode, "--seq", str(seq), "--vocab", str(vocab),
            "--loss-chunk", str(loss_chunk), "--layers", str(args.layers), "--dim", str(args.dim),
            "--heads", str(args.heads), "--glu", str(args.glu), "--threads", str(args.threads)]
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    # glibc: every block over 64 KiB its own mapping (returned at free), one arena: RSS follows live memory
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent), MALLOC_ARENA_MAX="1",
+               MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
     if out.returncode:
         raise RuntimeError(out.stderr[-3000:])
@@ -77,6 +80,17 @@ def words_per_token(args, mode: str) -> tuple[float, list[int]]:
     t1, t2 = args.seq
     g = [measure(args, mode, t, args.vocab, args.loss_chunk) for t in (t1, t2)]
     return (g[1] - g[0]) / ((t2 - t1) * args.layers * args.dim * 4), g
+
+
+def per_layer_and_peak(args, mode: str) -> tuple[float, float]:
+    """Split the words kept per token into a part per layer (what every block saves) and a part once per
+    step (the peak of the block being recomputed or backpropagated, the loss): measured at layers/2 and layers."""
+    half = dict(vars(args), layers=max(args.layers // 2, 1))
+    w_full, _ = words_per_token(args, mode)
+    w_half, _ = words_per_token(argparse.Namespace(**half), mode)
+    s_full, s_half = w_full * args.layers, w_half * half["layers"]  # words per token per dim, whole model
+    per_layer = (s_full - s_half) / (args.layers - half["layers"])
+    return per_layer, s_full - per_layer * args.layers
 
 
 def parse(argv):
@@ -109,13 +123,15 @@ def main(argv=None) -> int:
     load = os.getloadavg()[0]
     print(f"memory bench: {args.layers} layers x dim {args.dim} (glu {args.glu}, heads {args.heads}), vocab {args.vocab}, "
           f"one sequence, T = {args.seq[0]} and {args.seq[1]}, fp32, load average {load:.2f}")
-    print(f"{'AC mode':>10} | {'words/token/layer/dim':>22} | growth at T1, T2 (MiB)")
-    words = {}
+    print(f"{'AC mode':>10} | {'words/token/layer/dim':>22} | growth at T1, T2 (MiB) | per layer + once per step")
+    words, split = {}, {}
     t0 = time.time()
     for mode in args.modes:
         w, g = words_per_token(args, mode)
         words[mode] = w
-        print(f"{mode:>10} | {w:>22.2f} | {g[0] / 2**20:.1f}, {g[1] / 2**20:.1f}")
+        split[mode] = per_layer_and_peak(args, mode) if args.write else (float("nan"), float("nan"))
+        print(f"{mode:>10} | {w:>22.2f} | {g[0] / 2**20:>6.1f}, {g[1] / 2**20:>6.1f}       | "
+              f"{split[mode][0]:.2f} x layers + {split[mode][1]:.2f}")
     t1, t2 = args.seq
 
     def slope(vocab, chunk):  # bytes kept per extra token
@@ -129,6 +145,8 @@ def main(argv=None) -> int:
     print(f"({time.time() - t0:.0f} s)")
     if args.write:
         data = {"words_per_token_per_layer_per_dim": {m: round(w, 3) for m, w in words.items()},
+                "per_layer": {m: round(v[0], 3) for m, v in split.items()},
+                "once_per_step": {m: round(v[1], 3) for m, v in split.items()},
                 "measured_with": "python -m bench.memory --write "
                                  f"--layers {args.layers} --dim {args.dim} --seq {args.seq[0]} {args.seq[1]}",
                 "date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} CPU cores, torch CPU, fp32"}

@@ -8,8 +8,9 @@ Per-rank memory (bytes), for a layout (dp, pp, cp, tp), AC mode and pipeline mic
                                                                  masters, FSDP2 shards over dp x cp)
     optimizer        8 bytes x P_rank / (dp x cp)               AdamW's two moments
     gathered blocks  2 x 4 bytes x P_block / tp                 FSDP2 unshards a block (+ the next, prefetched)
-    activations      w[AC] x tokens_mb x layers/pp x dim x a / tp x in_flight
-                     w[AC]: words kept per token per layer per dim, MEASURED by bench/memory.py (stored in
+    activations      (w_layer[AC] x layers/pp x in_flight + w_step[AC]) x tokens_mb x dim x a / tp
+                     w_layer: words each block keeps per token per dim; w_step: the once-per-step peak (the block
+                     being recomputed / backpropagated, the loss), both MEASURED by bench/memory.py (stored in
                      pretrain/plan_constants.json); a = 4 (fp32) or 2 (bf16); tokens_mb = the tokens of one
                      micro-batch on this rank (sequence / cp); in_flight = min(pp, m) under 1F1B (stage 0)
     loss chunk       3 x loss_chunk x vocab/tp x 4               logits, exp and their gradient, one chunk
@@ -44,8 +45,9 @@ RECOMPUTE = {"none": 1.0, "selective": 1.1, "full": 4.0 / 3.0}
 
 
 def activation_words() -> dict:
+    """{mode: (words per token per dim per layer, words per token per dim once per step)} (bench/memory.py)."""
     data = json.loads(CONSTANTS.read_text())
-    return data["words_per_token_per_layer_per_dim"]
+    return {m: (data["per_layer"][m], data["once_per_step"][m]) for m in data["per_layer"]}
 
 
 @dataclasses.dataclass
@@ -99,7 +101,8 @@ def estimate(cfg, layout: Layout, seq_len: int, tokens_per_step: int, device: st
         "grads": 4 * p_rank / shard,
         "optimizer": 8 * p_rank / shard,
         "gathered blocks": 2 * 4 * block / tp if shard > 1 else 0.0,
-        "activations": words[layout.ac] * tokens_mb * (m.layers / pp) * m.dim * act_bytes / tp * in_flight,
+        "activations": (words[layout.ac][0] * (m.layers / pp) * in_flight + words[layout.ac][1])
+        * tokens_mb * m.dim * act_bytes / tp,
         "loss chunk": 3 * min(cfg.train.loss_chunk or tokens_mb, tokens_mb) * m.vocab_size / tp * 4,
         "sequence-parallel buffers": (2 * cp * rows_mb * (m.heads / tp) * hd * hd * 4 if cp > 1 else 0.0)
         + (4 * rows_mb * tokens_mb * (m.heads / tp) * hd * act_bytes if cp > 1 and "S" in m.attention_pattern else 0.0),
