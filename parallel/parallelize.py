@@ -234,6 +234,31 @@ class TrainStep:
             total += loss_sum.detach().to(torch.float64)
         return float(self._all_sum(total)) / max(n_global, 1.0)
 
+    @torch.no_grad()
+    def evaluate(self, batch: dict) -> float:
+        """The global mean loss of a batch (this rank's share, as in `forward_backward`), no gradients."""
+        if self.runner is not None:
+            raise NotImplementedError("evaluation through the pipeline schedule (pp > 1) is not implemented")
+        ids, labels = batch["input_ids"], batch["labels"]
+        offset = int(batch.get("position_offset", 0))
+        n_global = float(self._all_sum(valid_tokens(labels).to(torch.float64)))
+        forward = self.engine if self.engine is not None else self.model
+        total = torch.zeros((), dtype=torch.float64, device=ids.device)
+        for mb_ids, mb_labels, mb_extra in micro_batches(ids, labels, self.model_inputs(batch), self.grad_accum):
+            if self.fused:
+                with self.autocast, loss_targets(mb_labels):
+                    loss_sum = forward(mb_ids, position_offset=offset, **mb_extra)
+            else:
+                lp = nullcontext()
+                if self.loss_parallel:
+                    from torch.distributed.tensor.parallel import loss_parallel
+
+                    lp = loss_parallel()
+                with lp, self.autocast:
+                    loss_sum = cross_entropy_sum(forward(mb_ids, position_offset=offset, **mb_extra), mb_labels)
+            total += loss_sum.to(torch.float64)
+        return float(self._all_sum(total)) / max(n_global, 1.0)
+
     def optimizer_step(self, skip: bool = False) -> tuple[float, bool]:
         """Clip by the global grad norm and step optimizer and LR schedule, then zero the grads.
 

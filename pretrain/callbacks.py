@@ -155,3 +155,114 @@ class BatchRecords(Callback):
 
     def on_train_end(self, trainer) -> None:
         self.file.close()
+
+
+class Validation(Callback):
+    """`log.val_every`: the mean loss on `log.val_tokens` held-out tokens (the documents the preparation kept out
+    of training), cut into sequences of the longest training length and shared over the ranks like a training
+    batch (dp rows, cp columns), every N steps and at the end. Needs a held-out split and pp = 1."""
+
+    def __init__(self, every: int, tokens: int):
+        self.every, self.tokens, self.batch = every, tokens, None
+
+    def _say(self, trainer, msg: str) -> None:
+        if trainer.is_main:
+            print(f"validation: {msg}", flush=True)
+
+    def on_train_start(self, trainer) -> None:
+        import numpy as np
+        import torch
+
+        from data_pipeline import TokenStore
+
+        cfg = trainer.cfg
+        if cfg.parallel.pp > 1:
+            return self._say(trainer, "off: not implemented through the pipeline schedule (parallel.pp > 1)")
+        try:
+            store = TokenStore(cfg.data.prepared_dir)
+        except (OSError, ValueError) as e:
+            return self._say(trainer, f"off: {e}")
+        if not len(store.heldout):
+            return self._say(trainer, f"off: {cfg.data.prepared_dir} has no held-out split; prepare it with "
+                                      f"data.holdout_docs=N (or data.holdout=F) for a validation loss")
+        d = cfg.data
+        length = d.seq_len if d.loader == "concat" else 2 ** d.max_log2
+        parts, total = [], 0
+        for start, n in store.heldout:
+            parts.append(store.read(int(start), int(n)))
+            total += int(n)
+            if total > self.tokens + 1:
+                break
+        stream = np.concatenate(parts)[:self.tokens + 1]
+        dp, cp = cfg.parallel.dp, cfg.parallel.cp
+        rows = (min(self.tokens, len(stream) - 1) // length) // dp * dp
+        if rows == 0:
+            return self._say(trainer, f"off: the held-out split holds {len(stream):,} tokens, fewer than "
+                                      f"{dp} sequence(s) of {length}")
+        xy = torch.from_numpy(stream[:rows * length + 1].astype(np.int64))
+        ids, labels = xy[:-1].view(rows, length), xy[1:].view(rows, length)
+        c = trainer.env.coords
+        per = rows // dp
+        ids, labels = ids[c.dp * per:(c.dp + 1) * per], labels[c.dp * per:(c.dp + 1) * per]
+        cp_rank, cp_size = (c.cp, cp) if trainer.spec.loader_cp(cfg) else (0, 1)
+        w = length // cp_size
+        batch = {"input_ids": ids[:, cp_rank * w:(cp_rank + 1) * w], "labels": labels[:, cp_rank * w:(cp_rank + 1) * w],
+                 "seq_len": length, "position_offset": cp_rank * w}
+        batch = trainer.spec.prepare_batch(batch, cfg, c.cp, cp)
+        self.batch = {k: (v.to(trainer.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        self.count = rows * length
+
+    def _run(self, trainer, step: int) -> None:
+        loss = trainer.train_step.evaluate(self.batch)
+        if trainer.is_main:
+            trainer.metrics.log_validation(step, loss, self.count)
+
+    def on_step_end(self, trainer, r: StepResult) -> None:
+        if self.batch is not None and r.step % self.every == 0 and r.step < trainer.last_step:
+            self._run(trainer, r.step)
+
+    def on_train_end(self, trainer) -> None:
+        if self.batch is not None:
+            self._run(trainer, trainer.step)
+
+
+class Profiler(Callback):
+    """`profile.steps`: a torch.profiler trace of each listed step per rank (<run>/profile/rank<r>_step<n>.json,
+    chrome://tracing or Perfetto), and with `profile.memory_snapshot` on a GPU a CUDA memory snapshot of it
+    (<run>/profile/rank<r>_step<n>_memory.pickle, pytorch.org/memory_viz)."""
+
+    def __init__(self, steps, memory_snapshot: bool):
+        self.steps, self.snapshot, self.prof = {int(s) for s in steps}, memory_snapshot, None
+
+    def on_step_start(self, trainer, step: int) -> None:
+        import torch
+
+        if step not in self.steps:
+            return
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if trainer.device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+            if self.snapshot:
+                torch.cuda.memory._record_memory_history(max_entries=200_000)
+        self.prof = torch.profiler.profile(activities=activities, record_shapes=True)
+        self.prof.__enter__()
+
+    def on_step_end(self, trainer, r: StepResult) -> None:
+        import torch
+
+        if self.prof is None:
+            return
+        self.prof.__exit__(None, None, None)
+        folder = trainer.run_dir / "profile"
+        folder.mkdir(parents=True, exist_ok=True)
+        trace = folder / f"rank{trainer.env.rank}_step{r.step}.json"
+        self.prof.export_chrome_trace(str(trace))
+        self.prof = None
+        where = [str(trace)]
+        if trainer.device.type == "cuda" and self.snapshot:
+            snap = folder / f"rank{trainer.env.rank}_step{r.step}_memory.pickle"
+            torch.cuda.memory._dump_snapshot(str(snap))
+            torch.cuda.memory._record_memory_history(enabled=None)
+            where.append(str(snap))
+        if trainer.is_main:
+            print(f"profile of step {r.step}: {', '.join(where)} (every rank writes its own)", flush=True)

@@ -107,6 +107,14 @@ class LogConfig:
     batches: bool = False  # every rank records what it read per step in <run>/batches/rank<r>.jsonl (audit)
     # also log to Weights & Biases when wandb is installed (offline under <run>/wandb/ unless WANDB_API_KEY/WANDB_MODE)
     wandb: bool = False
+    val_every: int = 0  # steps between validation losses on the held-out split (data.holdout*); 0: none
+    val_tokens: int = 65536  # held-out tokens each validation scores (sequences of the longest training length)
+
+
+@dataclass
+class ProfileConfig:
+    steps: list = field(default_factory=list)  # steps to trace with torch.profiler (<run>/profile/); [] : none
+    memory_snapshot: bool = False  # on GPU, also dump a CUDA memory snapshot of those steps (pytorch.org/memory_viz)
 
 
 @dataclass
@@ -117,6 +125,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
 
 CHOICES = {
@@ -258,6 +267,8 @@ RANGES = {
     "checkpoint.keep_last": Range(1),
     "train.loss_chunk": Range(0, note="0 computes the whole logits at once"),
     "parallel.microbatches": Range(0, note="0: one per pipeline stage"),
+    "log.val_every": Range(0, note="0 turns validation off"),
+    "log.val_tokens": Range(1),
 }
 
 

@@ -191,6 +191,20 @@ class MetricsLogger:
         return cls(run_dir, enabled=enabled, tensorboard=cfg.log.tensorboard, peak_flops=peak_flops, device=device,
                    wandb=bool(getattr(cfg.log, "wandb", False)), config=to_dict(cfg))
 
+    def log_validation(self, step: int, loss: float, tokens: int) -> None:
+        """One line, one metrics.jsonl record (`val_loss`) and the TensorBoard/W&B scalar val/loss."""
+        if not self.enabled:
+            return
+        print(f"step {step:>6} | validation loss {loss:.4f} (ppl {math.exp(min(loss, 50)):.2f}) on {tokens:,} "
+              f"held-out tokens", flush=True)
+        self.jsonl.write(json.dumps({"step": step, "val_loss": loss, "val_tokens": tokens}) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            self.tb.add_scalar("val/loss", loss, step)
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log({"val/loss": loss}, step=step)
+
     def log(self, rec: dict, total_steps: int) -> None:
         if not self.enabled:
             return

@@ -25,7 +25,8 @@ from model.flops import count_params
 from parallel.parallelize import TrainStep, build, trainable_module
 from parallel.specs import spec_for
 from pretrain import checkpoint
-from pretrain.callbacks import BatchRecords, CheckpointCadence, MetricsWindow, NanPolicy, StepResult
+from pretrain.callbacks import (BatchRecords, CheckpointCadence, MetricsWindow, NanPolicy, Profiler, StepResult,
+                                Validation)
 from pretrain.config import Config, to_dict
 from pretrain.data import build_train_loader, ensure_prepared
 from pretrain.distributed import describe, setup_distributed
@@ -85,6 +86,10 @@ class Trainer:
                            CheckpointCadence(cfg.checkpoint.every)]
         if cfg.log.batches:
             self.callbacks.append(BatchRecords())
+        if cfg.log.val_every:
+            self.callbacks.append(Validation(cfg.log.val_every, cfg.log.val_tokens))
+        if cfg.profile.steps:
+            self.callbacks.append(Profiler(cfg.profile.steps, cfg.profile.memory_snapshot))
         self.step = 0
         self.tokens_seen = 0
         self.skipped_steps = 0
@@ -193,8 +198,8 @@ class Trainer:
             result.time = time.perf_counter() - t0
             self._call("on_step_end", result)
         final = self.save()
-        self.close()
         self._call("on_train_end")
+        self.close()
         if self.is_main:
             print(f"checkpoint: {final.resolve()}\ntensorboard: {(self.run_dir / 'tensorboard').resolve()}", flush=True)
         return losses

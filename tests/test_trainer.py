@@ -122,3 +122,32 @@ def test_a_finished_run_says_so_and_trains_nothing(corpus, tmp_path, capsys):
     assert Trainer(make_cfg(corpus, tmp_path / "run", "--train.steps=2")).train() == []
     assert "the run is already complete at step 2" in capsys.readouterr().out
     assert sorted(p.name for p in checkpoint.list_complete(tmp_path / "run")) == before
+
+
+def test_validation_loss_on_the_held_out_split_and_profiler_traces(corpus, tmp_path):
+    """log.val_every scores held-out documents (prepared with data.holdout_docs) with the training model: the value
+    equals the model's own mean cross-entropy on those sequences; profile.steps writes a trace of the step."""
+    import torch.nn.functional as F
+
+    from data_pipeline import TokenStore
+
+    prepared = tmp_path / "prepared-holdout"
+    cfg = make_cfg(corpus, tmp_path / "run", "--train.steps=4", "--log.val_every=2", "--log.val_tokens=512",
+                   f"--data.prepared_dir={prepared}", "--data.holdout_docs=20", "--profile.steps=[3]")
+    trainer = Trainer(cfg)
+    trainer.train()
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in val] == [2, 4] and val[0]["val_tokens"] == 512
+    store = TokenStore(prepared)
+    import numpy as np
+    import torch
+
+    stream = np.concatenate([store.read(int(s), int(n)) for s, n in store.heldout])[:513].astype(np.int64)
+    xy = torch.from_numpy(stream)
+    ids, labels = xy[:-1].view(4, 128), xy[1:].view(4, 128)
+    with torch.no_grad():
+        expected = F.cross_entropy(trainer.model(ids).flatten(0, 1), labels.flatten())
+    assert val[-1]["val_loss"] == pytest.approx(float(expected), rel=1e-5)
+    trace = tmp_path / "run" / "profile" / "rank0_step3.json"
+    assert trace.is_file() and json.loads(trace.read_text())["traceEvents"]
