@@ -45,7 +45,9 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chunk-size", type=int, default=2048, help="TNL: tokens per forward, carrying the state")
     p.add_argument("--tokens-per-batch", type=int, default=16384)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto",
+                   help="auto (cuda when a GPU is visible, else cpu), cpu, cuda or cuda:N; under torchrun a bare "
+                        "cuda means cuda:LOCAL_RANK")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--train-mqar", metavar="OUT", default=None,
@@ -163,7 +165,6 @@ _ARG_RANGES = {
 def _check_args(args) -> None:
     """Refuse a numeric argument out of range, or a device this machine lacks, before any model is loaded."""
     import math
-    import os
 
     for name, (low, inclusive) in _ARG_RANGES.items():
         value = getattr(args, name)
@@ -180,20 +181,9 @@ def _check_args(args) -> None:
     if args.path and not Path(args.path).exists():
         raise FileNotFoundError(f"{args.path}: no such run folder, checkpoint folder or Hugging Face export; "
                                 f"pass an existing PATH (a run's train.out_dir)")
-    import torch
+    from .distributed import resolve_device
 
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise ValueError(f"--device {args.device!r} is not a device torch knows; use cpu or cuda") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ValueError(f"--device {args.device}: no CUDA GPU is visible to this process "
-                             f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
-                             f"use --device cpu")
-        if device.index is not None and device.index >= count:
-            raise ValueError(f"--device {args.device}: only {count} GPU(s) are visible (cuda:0..cuda:{count - 1})")
+    args.device = resolve_device(args.device)  # auto -> cuda / cpu; under torchrun cuda -> cuda:LOCAL_RANK
 
 
 def main(argv=None) -> int:
@@ -228,6 +218,7 @@ def _main(argv) -> int:
     try:
         loaded = load_for_eval(args.path, args.device, args.chunk_size, args.tokenizer)
         log = print if is_main() else (lambda *a, **k: None)
+        log(f"[eval] {loaded.source} on {args.device}")
         results = run_tasks(args, loaded, tasks, log)
         if is_main():
             for path in write_outputs(results, Path(args.out)):

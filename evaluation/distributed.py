@@ -17,12 +17,52 @@ def rank_world() -> tuple[int, int]:
     return 0, 1
 
 
+def resolve_device(device: str | None = "auto") -> str:
+    """The device this process evaluates on, checked before any model is loaded.
+
+    "auto" (or None / ""): cuda when torch sees a GPU, else cpu. Under torchrun (WORLD_SIZE > 1) a bare "cuda"
+    (given or chosen) becomes cuda:LOCAL_RANK, one GPU per rank as NCCL needs. Refused with a one-line
+    ValueError: a name torch does not know, cuda without a visible GPU, an index past the visible GPUs.
+    """
+    import torch
+
+    name = str(device or "auto").strip().lower()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() and torch.cuda.device_count() > 0 else "cpu"
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a device torch knows; use auto, cpu or cuda") from None
+    if dev.type != "cuda":
+        return str(dev)
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise ValueError(f"--device {device}: no CUDA GPU is visible to this process "
+                         f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
+                         f"use --device cpu")
+    index = dev.index
+    if index is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        index = int(os.environ.get("LOCAL_RANK", "0"))
+        if index >= count:
+            raise ValueError(f"--device {device}: local rank {index} has no GPU of its own (only {count} visible); "
+                             f"start at most {count} processes per node (torchrun --nproc_per_node {count}) "
+                             f"or use --device cpu")
+    if index is not None and index >= count:
+        raise ValueError(f"--device {device}: only {count} GPU(s) are visible (cuda:0..cuda:{count - 1})")
+    return "cuda" if index is None else f"cuda:{index}"
+
+
 def init_from_env(device: str = "cpu", timeout_s: float = 600.0) -> bool:
-    """Join the process group torchrun describes (WORLD_SIZE > 1); returns whether this call created it."""
+    """Join the process group torchrun describes (WORLD_SIZE > 1); returns whether this call created it.
+    device: a resolved one (resolve_device); a CUDA device becomes this process's current one before NCCL."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
     from pretrain.distributed import init_process_group
 
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.set_device(torch.device(device))
     return init_process_group("cuda" if device.startswith("cuda") else "cpu", timeout_s)
 
 

@@ -78,3 +78,46 @@ def test_train_mqar_recipe_saves_a_checkpoint_eval_reads(tmp_path):
                       "--mqar-examples", "8", "--no-progress"]) == 0
     res = json.loads((tmp_path / "res" / "results.json").read_text())["tasks"]["mqar"]
     assert res["seq_len"] == 32 and res["vocab_size"] == 32 and "note" not in res
+
+
+def test_device_defaults_to_auto_cuda_when_visible_else_cpu(run, tmp_path, capsys):
+    from evaluation.cli import parse_args
+
+    assert parse_args(["x"]).device == "auto"
+    assert lightspan(["eval", str(run / "run"), "--out", str(tmp_path / "o"), *SMALL, "--tasks", "mqar"]) == 0
+    want = "cuda" if torch.cuda.is_available() else "cpu"
+    assert f" on {want}\n" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("gpus, env, device, want", [
+    (0, {}, "auto", "cpu"), (0, {}, None, "cpu"), (2, {}, "auto", "cuda"), (2, {}, "cpu", "cpu"),
+    (2, {}, "CUDA:1", "cuda:1"), (2, {"WORLD_SIZE": "2", "LOCAL_RANK": "1"}, "auto", "cuda:1"),
+    (2, {"WORLD_SIZE": "2", "LOCAL_RANK": "1"}, "cuda", "cuda:1"),
+    (2, {"WORLD_SIZE": "2", "LOCAL_RANK": "1"}, "cuda:0", "cuda:0"),
+    (0, {"WORLD_SIZE": "2", "LOCAL_RANK": "1"}, "auto", "cpu"),
+])
+def test_resolve_device(monkeypatch, gpus, env, device, want):
+    from evaluation.distributed import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert resolve_device(device) == want
+
+
+@pytest.mark.parametrize("gpus, env, device, words", [
+    (0, {}, "cuda", "no CUDA GPU is visible"), (2, {}, "cuda:2", "only 2 GPU(s)"), (2, {}, "tpu9", "not a device"),
+    (2, {"WORLD_SIZE": "4", "LOCAL_RANK": "3"}, "auto", "local rank 3 has no GPU"),
+])
+def test_resolve_device_refuses(monkeypatch, gpus, env, device, words):
+    from evaluation.distributed import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        resolve_device(device)
