@@ -66,7 +66,7 @@ def test_meanings_come_from_the_source_comments():
 
 
 VERB_HELP = [["prepare"], ["data"], ["data", "stats"], ["train"], ["convert"], ["eval"], ["bench"],
-             ["bench", "lightning"], ["generate"], ["config"], ["config", "show"], ["config", "fields"]]
+             ["bench", "lightning"], ["generate"], ["config"], ["config", "show"], ["config", "fields"], ["plan"], ["bench", "memory"], ["bench", "compile"]]
 
 
 def test_every_verb_is_covered():
