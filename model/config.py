@@ -41,9 +41,9 @@ class ModelConfig:
     # lowest M upper layers; each context chunk of `sharedllm_chunk` tokens is halved `sharedllm_depth` times
     # (depth+1 tree nodes), every node keeping `sharedllm_node_positions` positions
     sharedllm_layers: int = 4
-    sharedllm_chunk: int = 1024
-    sharedllm_depth: int = 3
-    sharedllm_node_positions: int = 32
+    sharedllm_chunk: int = 1024  # SharedLLM: tokens per context chunk
+    sharedllm_depth: int = 3  # SharedLLM: how many times each context chunk is halved (tree depth)
+    sharedllm_node_positions: int = 32  # SharedLLM: positions kept per tree node
     sharedllm_lower: str = "shared"  # shared (same weights as the upper tower) | copy (own weights)
     sharedllm_trainable: str = "all"  # all | cross (only the cross-attention blocks train)
     sharedllm_select: str = "right"  # right (language modelling) | query (cosine to the query's summary)

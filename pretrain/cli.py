@@ -134,7 +134,7 @@ def _train(argv) -> int:
 
 
 def _generate(argv) -> int:
-    from pretrain.generate_cli import main as generate_main
+    from evaluation.generate_cli import main as generate_main
 
     return generate_main(argv)
 

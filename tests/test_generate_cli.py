@@ -14,7 +14,7 @@ from model.generate import greedy_generate
 from pretrain import checkpoint
 from pretrain.cli import main as lightspan
 from pretrain.config import Config, to_dict
-from pretrain.generate_cli import Sampler, filter_logits, generate, sample_generate
+from evaluation.generate_cli import Sampler, filter_logits, generate, sample_generate
 
 ARCHS = {
     "tnl": dict(arch="tnl"),
