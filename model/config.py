@@ -19,6 +19,7 @@ RANGES = {
     "norm_eps": (float, 0.0, False),
     "init_std": (float, 0.0, False),
     "rope_theta": (float, 0.0, False),
+    "vocab_size_multiple_of": (int, 0, True),
 }
 
 
@@ -26,6 +27,8 @@ RANGES = {
 class ModelConfig:
     arch: str = "tnl"  # "tnl" (TransNormerLLM), "llama" (softmax baseline), "sharedllm" (TNL + compressor)
     vocab_size: int = 64000
+    # pad the vocabulary to a multiple of this x parallel.tp that holds the tokenizer (Megatron's rule); 0: as given
+    vocab_size_multiple_of: int = 0
     dim: int = 1024  # TNL: decoder_embed_dim == hidden_dim
     layers: int = 24
     heads: int = 8

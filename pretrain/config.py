@@ -331,6 +331,16 @@ def validate(cfg: Config) -> None:
             f"data.tokens_per_step ({d.tokens_per_step}) must be a multiple of the longest sequence ({longest}"
             f"{' = 2^data.max_log2' if d.loader == 'dd' else ' = data.seq_len'}) so every step holds whole sequences"
         )
+    if cfg.data.holdout and cfg.data.holdout_docs:
+        raise ConfigError(f"data.holdout ({cfg.data.holdout}) and data.holdout_docs ({cfg.data.holdout_docs}) are both "
+                          f"set: give one (a fraction of the documents, or a count)")
+    if cfg.data.sources:
+        from pretrain.data import mixture_sources
+
+        try:
+            mixture_sources(cfg)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     from parallel.mesh import LayoutError, check_layout
     from parallel.specs import spec_for
 

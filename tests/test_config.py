@@ -114,3 +114,14 @@ def test_malformed_yaml_names_file_and_line(tmp_path):
     bad.write_text("model:\n  dim: 64\n  layers: [2\ntrain:\n  lr: 1\n")
     with pytest.raises(ConfigError, match=r"bad.yaml' is not valid YAML at line \d+"):
         load_config(bad)
+
+
+def test_vocab_padding_and_holdout_conflict():
+    from pretrain.data import padded_model_vocab
+
+    cfg = load_config(None, ["--model.vocab_size=300", "--model.vocab_size_multiple_of=128", "--parallel.tp=1"])
+    assert padded_model_vocab(cfg, 300) == 384  # the smallest multiple of 128 x tp holding 300 ids
+    with pytest.raises(ConfigError, match="data.holdout .* and data.holdout_docs .* are both set"):
+        load_config(None, ["--data.holdout=0.01", "--data.holdout_docs=5"])
+    with pytest.raises(ConfigError, match="model.vocab_size_multiple_of"):
+        load_config(None, ["--model.vocab_size_multiple_of=-1"])
