@@ -50,6 +50,8 @@ class ModelConfig:
     sharedllm_lower: str = "shared"  # shared (same weights as the upper tower) | copy (own weights)
     sharedllm_trainable: str = "all"  # all | cross (only the cross-attention blocks train)
     sharedllm_select: str = "right"  # right (language modelling) | query (cosine to the query's summary)
+    # SharedLLM's random split point in training (eps uniform, seeded per batch row; evaluation: exact halves)
+    sharedllm_split_jitter: float = 0.0  # training: split a node of l tokens at l/2 - eps, |eps| <= j*l/2 (0: halves)
     # training input: the first `sharedllm_context_chunks` x `sharedllm_chunk` tokens of each sequence are the
     # context (compressed), the rest is the running text the loss is taken on (SharedLLM: 4 x 1024 + 4096)
     sharedllm_context_chunks: int = 4
@@ -114,6 +116,10 @@ class ModelConfig:
             raise ValueError(f"model.sharedllm_chunk ({self.sharedllm_chunk}) must be a multiple of "
                              f"2^sharedllm_depth * sharedllm_node_positions = {unit}: every tree node (the "
                              f"leaves hold chunk/2^depth tokens) is subsampled by a whole stride")
+        j = self.sharedllm_split_jitter
+        if isinstance(j, bool) or not isinstance(j, (int, float)) or not (math.isfinite(j) and 0 <= j <= 1):
+            raise ValueError(f"model.sharedllm_split_jitter must be a number in [0, 1] (the random split point's "
+                             f"reach as a fraction of half a node; 0: exact halves), got {j!r}")
         for name, allowed in (("sharedllm_lower", ("shared", "copy")), ("sharedllm_trainable", ("all", "cross")),
                               ("sharedllm_select", ("right", "query"))):
             if getattr(self, name) not in allowed:

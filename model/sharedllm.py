@@ -12,12 +12,22 @@ mixer attends with (before LRPE).
 
 Context tree per chunk (depth d, p positions per node): the span [0, C) is halved d times; at each of the
 first d-1 halvings one half is expanded further and the other becomes a coarse node; the last halving keeps
-both halves as leaves. Each node of length l keeps p positions by uniform stride (the last token of each of
-its p windows of l/p tokens). C=1024, d=3, p=32: 512->32, 256->32, 2x128->2x32 = 128 positions (8x).
-Which half to expand: `right` (language modelling: the half nearest the running text) or `query`: the half
-whose summary (the mean of the last lower layer's keys over the half) has the larger cosine similarity with
-the query's summary (the same mean over `query_ids` run through the lower tower). The paper's random split
-point during training (b = l/2 - eps) is not implemented: halves are exact.
+both halves as leaves. Each node of length l keeps p positions, the last token of each of its p windows
+[floor(i l/p), floor((i+1) l/p)) (a uniform stride l/p when p divides l). C=1024, d=3, p=32: 512->32,
+256->32, 2x128->2x32 = 128 positions (8x). Which half to expand: `right` (language modelling: the half
+nearest the running text) or `query`: the half whose summary (the mean of the last lower layer's keys over
+the half) has the larger cosine similarity with the query's summary (the same mean over `query_ids` run
+through the lower tower; at evaluation, the question).
+
+Random split point (the paper's training, `model.sharedllm_split_jitter` j > 0, training mode only): a node of
+l tokens splits at b = floor(l/2) - eps, eps a uniform integer with |eps| <= j*l/2, narrowed so that each half
+keeps at least p * 2^(levels below it) tokens: every node still holds >= p tokens and every kept position
+lies inside the chunk. The draws are a pure function of (`split_seed`, the chunk's global index): one seed
+per batch row, which `SharedLLMSpec.prepare_batch` derives from the row's tokens, the step and train.seed, so
+every dp/cp/tp/pp rank and micro-batch draws the same tree for the same row, a resumed run the same trees, and
+no global RNG state is read or advanced. Evaluation (eval mode) always splits into exact halves.
+
+Context chunks are compressed together: the lower tower runs once over all B*n chunks as one (B*n, C) batch.
 
 Upper tower: the TNL decoder over the running text; in its lowest M layers a cross-attention block follows
 the token mixer: x = x + o_proj(Attn(q_proj(SRMSNorm(x)), K_j, V_j)), with no k/v projections (upper layer j
@@ -33,6 +43,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 
 import torch
 import torch.nn.functional as F
@@ -83,44 +94,83 @@ class CrossAttention(nn.Module):
         return self.o_proj(o.transpose(1, 2).reshape(b, t, -1))
 
 
-def _half_means(cum: torch.Tensor, start: torch.Tensor, length: int) -> torch.Tensor:
+def _half_means(cum: torch.Tensor, start: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
     """Mean of feats[start : start+length] per row from cum = [0, cumsum(feats)]: (N, C+1, F) -> (N, F)."""
     idx = lambda s: cum.gather(1, s.view(-1, 1, 1).expand(-1, 1, cum.shape[-1])).squeeze(1)  # noqa: E731
-    return (idx(start + length) - idx(start)) / length
+    return (idx(start + length) - idx(start)) / length.view(-1, 1).to(cum.dtype)
 
 
-def build_tree(feats: torch.Tensor, depth: int, node_positions: int, query: torch.Tensor | None = None):
+def split_seeds(ids: torch.Tensor, seed: int = 0, step: int = 0) -> torch.Tensor:
+    """(B, L) token ids -> (B,) int64 seeds of the random split points, one per row: a hash of the row's tokens,
+    `seed` and `step`. A pure function of the row, so a row draws the same tree on whatever rank or micro-batch
+    it lands (see the module docstring)."""
+    rows = ids.detach().to("cpu", torch.int64).contiguous().numpy()
+    out = []
+    for row in rows:
+        h = hashlib.blake2b(row.tobytes(), digest_size=8, key=f"{int(seed)}/{int(step)}".encode())
+        out.append(int.from_bytes(h.digest(), "little") >> 1)  # 63 bits: a non-negative int64
+    return torch.tensor(out, dtype=torch.int64)
+
+
+def split_draws(split_seed, n_rows: int, chunk_offset: int, n_chunks: int, depth: int) -> torch.Tensor:
+    """Uniform [0, 1) draws (n_rows*n_chunks, depth) float64, one per halving of each chunk: row b's chunk i
+    (global index chunk_offset + i) from a CPU generator seeded by (split_seed[b], chunk_offset + i) alone.
+
+    split_seed: (n_rows,) int tensor, or an int for every row."""
+    seeds = [int(split_seed)] * n_rows if not torch.is_tensor(split_seed) or split_seed.dim() == 0 \
+        else [int(s) for s in split_seed.tolist()]
+    if len(seeds) != n_rows:
+        raise ValueError(f"split_seed holds {len(seeds)} seeds for {n_rows} batch rows")
+    out = torch.empty(n_rows * n_chunks, depth, dtype=torch.float64)
+    for b, s in enumerate(seeds):
+        for i in range(n_chunks):
+            g = torch.Generator().manual_seed((s * 1_000_003 + chunk_offset + i) % (1 << 63))
+            out[b * n_chunks + i] = torch.rand(depth, generator=g, dtype=torch.float64)
+    return out
+
+
+def build_tree(feats: torch.Tensor, depth: int, node_positions: int, query: torch.Tensor | None = None,
+               split_u: torch.Tensor | None = None, jitter: float = 0.0):
     """The context tree of each chunk: which positions its nodes keep.
 
-    feats: (N, C, F) per-position summary features; query: (N, F) or None (always expand the right half).
-    Returns (index (N, (depth+1)*p) long, nodes [(start (N,), length)] in the same order: coarse nodes from
-    the top down, then the two leaves).
+    feats: (N, C, F) per-position summary features; query: (N, F) or None (always expand the right half);
+    split_u: (N, depth) uniform [0, 1) draws and jitter j > 0: random split points (module docstring), else
+    exact halves. Returns (index (N, (depth+1)*p) long, every entry in [0, C); nodes [(start (N,), length (N,))]
+    in the same order: coarse nodes from the top down, then the two leaves).
     """
     n, c, _ = feats.shape
     p = node_positions
+    dev = feats.device
     cum = F.pad(feats.double().cumsum(1), (0, 0, 1, 0)) if query is not None else None
-    start = torch.zeros(n, dtype=torch.long, device=feats.device)
+    start = torch.zeros(n, dtype=torch.long, device=dev)
+    length = torch.full((n,), c, dtype=torch.long, device=dev)
+    random = split_u is not None and jitter > 0
     nodes = []
-    length = c
     for level in range(depth):
         half = length // 2
-        left, right = start, start + half
+        if random:
+            need = p << (depth - 1 - level)  # each half: p positions for every node that will come from it
+            reach = torch.floor(length.double() * (jitter / 2)).long()
+            lo = torch.maximum(-reach, need - (length - half))  # the right half keeps >= need
+            hi = torch.minimum(reach, half - need)  # the left half keeps >= need
+            u = split_u[:, level].to(device=dev, dtype=torch.float64)
+            eps = torch.minimum(lo + torch.floor(u * (hi - lo + 1).double()).long(), hi)
+            half = half - eps
+        left, right, left_len, right_len = start, start + half, half, length - half
         if level == depth - 1:
-            nodes += [(left, half), (right, half)]
+            nodes += [(left, left_len), (right, right_len)]
             break
         if query is None:
-            go_right = torch.ones(n, dtype=torch.bool, device=feats.device)
+            go_right = torch.ones(n, dtype=torch.bool, device=dev)
         else:
-            sim_l = F.cosine_similarity(_half_means(cum, left, half), query.double(), dim=-1)
-            sim_r = F.cosine_similarity(_half_means(cum, right, half), query.double(), dim=-1)
+            sim_l = F.cosine_similarity(_half_means(cum, left, left_len), query.double(), dim=-1)
+            sim_r = F.cosine_similarity(_half_means(cum, right, right_len), query.double(), dim=-1)
             go_right = sim_r > sim_l
-        nodes.append((torch.where(go_right, left, right), half))
-        start, length = torch.where(go_right, right, left), half
-    index = []
-    for node_start, node_len in nodes:
-        stride = node_len // p
-        offsets = torch.arange(1, p + 1, device=feats.device) * stride - 1  # last token of each window
-        index.append(node_start.view(-1, 1) + offsets.view(1, -1))
+        nodes.append((torch.where(go_right, left, right), torch.where(go_right, left_len, right_len)))
+        start, length = torch.where(go_right, right, left), torch.where(go_right, right_len, left_len)
+    windows = torch.arange(1, p + 1, device=dev).view(1, -1)
+    index = [node_start.view(-1, 1) + (windows * node_len.view(-1, 1)) // p - 1  # last token of each window
+             for node_start, node_len in nodes]
     return torch.cat(index, dim=1), nodes
 
 
@@ -203,22 +253,42 @@ class SharedLLM(nn.Module):
             kv.append((k, v))
         return kv
 
-    def memory(self, context_chunks, query_ids=None, chunk_offset: int = 0):
-        """context_chunks (B, n, C) -> per layer j, (K_j, V_j) each (B, H, n*P, hd), and key positions (n*P,)."""
+    def context_tree(self, kv, n_chunks: int, query_ids=None, chunk_offset: int = 0, split_seed=None,
+                     select: str | None = None):
+        """The tree of every chunk from the lower tower's output `kv` over (B*n, C): build_tree's (index, nodes).
+
+        select: 'right' or 'query' (default model.sharedllm_select); split_seed: see `forward`."""
+        cfg = self.cfg
+        select = select or cfg.sharedllm_select
+        rows = kv[-1][0].shape[0] // n_chunks
+        query = None
+        if select == "query":
+            if query_ids is None:
+                raise ValueError("model.sharedllm_select='query' needs query_ids (B, Tq)")
+            qk = self.lower_tower(query_ids)[-1][0]  # (B, Tq, H, hd)
+            query = qk.flatten(2).mean(1).repeat_interleave(n_chunks, dim=0)
+        split_u = None
+        if self.training and cfg.sharedllm_split_jitter > 0:
+            if split_seed is None:
+                raise ValueError("model.sharedllm_split_jitter > 0 draws random split points in training from a "
+                                 "split_seed per batch row (SharedLLMSpec.prepare_batch adds it); pass split_seed, "
+                                 "or call model.eval() for exact halves")
+            split_u = split_draws(split_seed, rows, chunk_offset, n_chunks, cfg.sharedllm_depth)
+        with torch.no_grad():
+            return build_tree(kv[-1][0].flatten(2).detach(), cfg.sharedllm_depth, cfg.sharedllm_node_positions,
+                              None if query is None else query.detach(), split_u, cfg.sharedllm_split_jitter)
+
+    def memory(self, context_chunks, query_ids=None, chunk_offset: int = 0, split_seed=None,
+               select: str | None = None):
+        """context_chunks (B, n, C) -> per layer j, (K_j, V_j) each (B, H, n*P, hd), and key positions (n*P,).
+
+        All B*n chunks go through the lower tower as one batch. select overrides model.sharedllm_select."""
         cfg = self.cfg
         b, n, c = context_chunks.shape
         if c != cfg.sharedllm_chunk:
             raise ValueError(f"context chunks hold {c} tokens but model.sharedllm_chunk is {cfg.sharedllm_chunk}")
         kv = self.lower_tower(context_chunks.reshape(b * n, c))
-        query = None
-        if cfg.sharedllm_select == "query":
-            if query_ids is None:
-                raise ValueError("model.sharedllm_select='query' needs query_ids (B, Tq)")
-            qk = self.lower_tower(query_ids)[-1][0]  # (B, Tq, H, hd)
-            query = qk.flatten(2).mean(1).repeat_interleave(n, dim=0)
-        with torch.no_grad():
-            index, _ = build_tree(kv[-1][0].flatten(2).detach(), cfg.sharedllm_depth, cfg.sharedllm_node_positions,
-                                  None if query is None else query.detach())
+        index, _ = self.context_tree(kv, n, query_ids, chunk_offset, split_seed, select)
         per_chunk = index.shape[1]
         gather = index.view(b * n, per_chunk, 1, 1)
         mem = []
@@ -229,8 +299,11 @@ class SharedLLM(nn.Module):
         return mem, positions
 
     def forward(self, input_ids, position_offset: int = 0, context_chunks=None, memory=None, query_ids=None,
-                chunk_offset: int = 0, total_chunks: int | None = None):
+                chunk_offset: int = 0, total_chunks: int | None = None, split_seed=None):
         """input_ids (B, T) running text, context_chunks (B, n, C) -> logits (B, T, V).
+
+        split_seed: (B,) int64 (or an int), the seeds of the random split points (read only in training with
+        model.sharedllm_split_jitter > 0; `split_seeds` makes them from whole sequences).
 
         memory: a precomputed `self.memory(...)` result instead of context_chunks (evaluation decodes many
         steps against one context); neither: no cross-attention (the plain decoder). Under cp: this rank's
@@ -241,7 +314,7 @@ class SharedLLM(nn.Module):
         """
         n = None if context_chunks is None else context_chunks.shape[1]
         if memory is None and context_chunks is not None and len(self.cross):
-            memory = self.memory(context_chunks, query_ids, chunk_offset)
+            memory = self.memory(context_chunks, query_ids, chunk_offset, split_seed)
         if memory is not None:
             mem, positions = memory
             q_position = total_chunks if total_chunks is not None else (n if n is not None else int(positions[-1]) + 1)

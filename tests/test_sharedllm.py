@@ -1,6 +1,7 @@
-"""SharedLLM compressor: the context tree (node sizes, query-aware choice), cross-attention vs float64,
-the lower tower vs the TNL's own layers, the trainable set, and cp=2 parity (memory spread over the ranks,
-ring/Ulysses cross-attention, LASP-2 on the decoder) vs one process."""
+"""SharedLLM compressor: the context tree (node sizes, query-aware choice, the random split point of training),
+cross-attention vs float64, the lower tower vs the TNL's own layers, the trainable set, and cp=2 parity (memory
+spread over the ranks, ring/Ulysses cross-attention, LASP-2 on the decoder; with random split points too) vs one
+process."""
 import copy
 import math
 
@@ -10,7 +11,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from model import ModelConfig, build_model
-from model.sharedllm import CrossAttention, SharedLLM, build_tree, split_context
+from model.sharedllm import CrossAttention, SharedLLM, build_tree, split_context, split_draws, split_seeds
 from parallel.dist_attention import apply_dist_attention
 from parallel.specs.sharedllm import SharedLLMSpec
 from parallel.harness import run_distributed
@@ -23,8 +24,8 @@ def block_feats(c=1024, block=128):
     return F.one_hot(torch.arange(c) // block, c // block).float().unsqueeze(0)
 
 
-def spans(nodes):
-    return [(int(start[0]), length) for start, length in nodes]
+def spans(nodes, row=0):
+    return [(int(start[row]), int(length[row])) for start, length in nodes]
 
 
 def test_tree_node_sizes_and_right_policy():
@@ -283,3 +284,207 @@ def test_sharedllm_batch_shares_context_and_text_over_cp():
     assert parts[0]["input_ids"][0].tolist() == [8, 9, 10, 11] and parts[1]["labels"][0].tolist() == [13, 14, 15, 16]
     assert [p["position_offset"] for p in parts] == [0, 4] and [p["chunk_offset"] for p in parts] == [0, 1]
     assert parts[0]["total_chunks"] == 2 and parts[0]["seq_len"] == 16
+
+
+# -- the random split point (training) -------------------------------------------------------------------------
+def _check_tree(index, nodes, c, p):
+    """Every kept position inside the chunk and inside its own node, p increasing positions per node, every node
+    >= p tokens, and the nodes tile [0, c) exactly (coarse nodes + the two leaves)."""
+    assert index.min() >= 0 and index.max() < c
+    for row in range(index.shape[0]):
+        covered = []
+        for k, (start, length) in enumerate(nodes):
+            s, l = int(start[row]), int(length[row])
+            pos = index[row, k * p:(k + 1) * p]
+            assert l >= p and bool((pos >= s).all()) and bool((pos < s + l).all())
+            assert bool((pos.diff() > 0).all()) and int(pos[-1]) == s + l - 1  # the node's last token is kept
+            covered += range(s, s + l)
+        assert sorted(covered) == list(range(c))
+
+
+@pytest.mark.parametrize("jitter", [0.25, 0.5, 1.0])
+@pytest.mark.parametrize("query", [False, True])
+def test_random_split_keeps_every_position_inside_the_chunk(jitter, query):
+    c, depth, p, rows = 64, 3, 4, 200
+    feats = torch.randn(rows, c, 6, generator=torch.Generator().manual_seed(1))
+    q = torch.randn(rows, 6, generator=torch.Generator().manual_seed(2)) if query else None
+    u = split_draws(torch.arange(rows), rows, 0, 1, depth)
+    index, nodes = build_tree(feats, depth, p, q, split_u=u, jitter=jitter)
+    assert index.shape == (rows, (depth + 1) * p)
+    _check_tree(index, nodes, c, p)
+    exact, _ = build_tree(feats, depth, p, q)
+    assert not torch.equal(index, exact)  # the split points do move...
+    first = {int(nodes[0][1][r]) for r in range(rows)}  # ...within |eps| <= jitter * 32
+    assert len(first) > 5 and all(abs(l - 32) <= jitter * 32 for l in first)
+    # extreme draws (u -> 0 and u -> 1) still leave p positions per node
+    for edge in (0.0, 1 - 1e-12):
+        index, nodes = build_tree(feats[:3], depth, p, None if q is None else q[:3],
+                                  split_u=torch.full((3, depth), edge, dtype=torch.float64), jitter=jitter)
+        _check_tree(index, nodes, c, p)
+
+
+def test_random_split_is_off_by_default_and_exact_when_off():
+    feats = torch.randn(4, 64, 6, generator=torch.Generator().manual_seed(0))
+    u = split_draws(7, 4, 0, 1, 3)
+    exact = build_tree(feats, 3, 4)[0]
+    assert torch.equal(build_tree(feats, 3, 4, split_u=u, jitter=0.0)[0], exact)
+    assert ModelConfig().sharedllm_split_jitter == 0.0
+    # the model: off -> the exact-halves tree in training too; on -> only in training, never at evaluation
+    torch.manual_seed(0)
+    off = SharedLLM(tiny_cfg(sharedllm_chunk=32))
+    on = SharedLLM(tiny_cfg(sharedllm_chunk=32, sharedllm_split_jitter=0.5))
+    on.load_state_dict(off.state_dict())
+    chunks = torch.randint(0, 64, (3, 2, 32), generator=torch.Generator().manual_seed(1))
+    seeds = split_seeds(chunks.flatten(1), seed=1)
+    kv = off.lower_tower(chunks.flatten(0, 1))
+    ref = off.eval().context_tree(kv, 2)[0]
+    assert torch.equal(off.train().context_tree(kv, 2, split_seed=seeds)[0], ref)
+    assert torch.equal(on.eval().context_tree(kv, 2, split_seed=seeds)[0], ref)
+    got, nodes = on.train().context_tree(kv, 2, split_seed=seeds)
+    assert not torch.equal(got, ref)
+    _check_tree(got, nodes, 32, 2)
+    with pytest.raises(ValueError, match="split_seed"):
+        on.train().context_tree(kv, 2)
+
+
+def test_random_split_is_deterministic_from_the_seed_and_a_function_of_each_row():
+    ids = torch.randint(0, 64, (4, 40), generator=torch.Generator().manual_seed(0))
+    a = split_seeds(ids, seed=1234, step=7)
+    assert torch.equal(a, split_seeds(ids.clone(), seed=1234, step=7)) and a.dtype == torch.int64
+    assert len(set(a.tolist())) == 4 and bool((a >= 0).all())
+    assert not torch.equal(a, split_seeds(ids, seed=1234, step=8))
+    assert not torch.equal(a, split_seeds(ids, seed=1, step=7))
+    assert torch.equal(split_seeds(ids[2:]), split_seeds(ids)[2:])  # a dp rank's rows: the same seeds
+    # draws: per (seed, global chunk index); a cp rank's chunks [2, 4) equal the slice of all 4
+    d = split_draws(a, 4, 0, 4, 3)
+    assert torch.equal(d, split_draws(a, 4, 0, 4, 3)) and not torch.equal(d, split_draws(a + 1, 4, 0, 4, 3))
+    assert torch.equal(split_draws(a, 4, 2, 2, 3), d.view(4, 4, 3)[:, 2:].reshape(-1, 3))
+    assert torch.equal(split_draws(a[1:3], 2, 0, 4, 3), d[4:12])
+    # the model, in training: the same seeds give the same memory; other seeds another tree
+    torch.manual_seed(0)
+    model = SharedLLM(tiny_cfg(sharedllm_split_jitter=0.5)).train()
+    _randomize_cross(model)
+    chunks, text = torch.randint(0, 64, (4, 4, 16)), torch.randint(0, 64, (4, 8))
+    with torch.no_grad():
+        one = model(text, context_chunks=chunks, split_seed=a)
+        assert torch.equal(one, model(text, context_chunks=chunks, split_seed=a.clone()))
+        halves = [model(text[r], context_chunks=chunks[r], split_seed=a[r]) for r in (slice(0, 2), slice(2, 4))]
+        torch.testing.assert_close(torch.cat(halves), one)  # micro-batches / dp shares: the same trees per row
+        mem_all, _ = model.memory(chunks, split_seed=a)
+        mem_cp, _ = model.memory(chunks[:, 2:], chunk_offset=2, split_seed=a)  # cp rank 1 of 2
+        torch.testing.assert_close(mem_cp[0][0], mem_all[0][0][:, :, mem_all[0][0].shape[2] // 2:])
+        assert not torch.equal(one, model(text, context_chunks=chunks, split_seed=a + 1))
+
+
+def test_prepare_batch_adds_the_split_seed_only_when_on():
+    from types import SimpleNamespace
+
+    ids = torch.arange(2 * 40).view(2, 40) % 64
+    full = {"input_ids": ids, "labels": ids + 1, "seq_len": 40, "position_offset": 0, "step": 3}
+    off = SharedLLMSpec().prepare_batch(full, tiny_cfg(sharedllm_context_chunks=2), 0, 1)
+    assert "split_seed" not in off
+    cfg = SimpleNamespace(model=tiny_cfg(sharedllm_context_chunks=2, sharedllm_split_jitter=0.5),
+                          train=SimpleNamespace(seed=11))
+    parts = [SharedLLMSpec().prepare_batch(full, cfg, r, 2) for r in range(2)]
+    assert torch.equal(parts[0]["split_seed"], parts[1]["split_seed"])  # identical on every cp rank
+    assert torch.equal(parts[0]["split_seed"], split_seeds(ids, 11, 3))
+    assert "split_seed" in SharedLLMSpec.model_input_keys
+
+
+def _cp_jitter_parity(rank, world, B=2, n=4, T=8):
+    """cp=2 with random split points: each rank's batch from prepare_batch (its chunks, the same seeds)."""
+    torch.manual_seed(0)
+    cfg = tiny_cfg(sharedllm_split_jitter=0.5, sharedllm_context_chunks=n)
+    model = SharedLLM(cfg).train()
+    _randomize_cross(model)
+    sharded = apply_dist_attention(apply_lasp(copy.deepcopy(model), dist.group.WORLD), dist.group.WORLD, "ring",
+                                   extra_types=(CrossAttention,))
+    g = torch.Generator().manual_seed(5)
+    seqs = torch.randint(0, 64, (B, n * 16 + T), generator=g)
+    full = {"input_ids": seqs, "labels": torch.randint(0, 64, seqs.shape, generator=g), "step": 4}
+    whole, mine = (SharedLLMSpec().prepare_batch(full, cfg, r, w) for r, w in ((0, 1), (rank, world)))
+    keys = ("context_chunks", "chunk_offset", "total_chunks", "split_seed")
+    logits_ref = model(whole["input_ids"], **{k: whole[k] for k in keys})
+    loss_ref = F.cross_entropy(logits_ref.flatten(0, 1), whole["labels"].flatten())
+    loss_ref.backward()
+    exact = model.eval()(whole["input_ids"], **{k: whole[k] for k in keys})
+    model.train()
+    assert not torch.allclose(exact, logits_ref)  # the random trees are in use
+    logits = sharded(mine["input_ids"], position_offset=mine["position_offset"], **{k: mine[k] for k in keys})
+    sl = slice(rank * (T // world), (rank + 1) * (T // world))
+    return check_cp_share(model, sharded, logits, logits_ref, loss_ref, whole["labels"], sl, "jitter")
+
+
+def test_sharedllm_cp2_parity_with_random_split_points():
+    a, b = run_distributed(_cp_jitter_parity, 2, timeout_s=90)
+    assert a == b
+
+
+# -- query-aware expansion ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("jitter", [0.0, 0.5])
+def test_query_aware_selection_expands_the_half_holding_the_key(jitter):
+    """Random background features and one 'key' feature at position k; the query is the key's feature: every
+    halving expands the half holding k, so k lies in a leaf (the finest node) wherever it is."""
+    c, depth, p = 64, 3, 4
+    g = torch.Generator().manual_seed(0)
+    key = torch.randn(8, generator=g)
+    feats = torch.rand(c, c, 8, generator=g)  # row r: the key at position r
+    feats[torch.arange(c), torch.arange(c)] = key * 3
+    u = split_draws(torch.arange(c), c, 0, 1, depth) if jitter else None
+    index, nodes = build_tree(feats, depth, p, key.expand(c, -1), split_u=u, jitter=jitter)
+    _check_tree(index, nodes, c, p)
+    for r in range(c):
+        leaves = [(int(s[r]), int(l[r])) for s, l in nodes[-2:]]
+        assert any(s <= r < s + l for s, l in leaves), (r, spans(nodes, r))
+    right, right_nodes = build_tree(feats, depth, p)  # without the query: always the right half
+    assert all(spans(right_nodes, r)[-2][0] == 48 for r in range(c))
+
+
+def test_query_aware_memory_picks_the_key_half_in_the_model():
+    """One lower layer (per-token features): filler tokens with a key token at position k; query_ids = the key:
+    the tree's leaves hold k, while the right policy keeps k only in coarse nodes when it lies left."""
+    torch.manual_seed(0)
+    model = SharedLLM(tiny_cfg(sharedllm_layers=1, sharedllm_chunk=32, sharedllm_select="query")).eval()
+    chunks = torch.full((6, 1, 32), 5)
+    where = [0, 3, 9, 17, 26, 31]
+    for row, k in enumerate(where):
+        chunks[row, 0, k] = 42
+    kv = model.lower_tower(chunks.flatten(0, 1))
+    query = torch.full((6, 3), 42)
+    _, nodes = model.context_tree(kv, 1, query_ids=query)
+    for row, k in enumerate(where):
+        assert any(int(s[row]) <= k < int(s[row]) + int(l[row]) for s, l in nodes[-2:]), (k, spans(nodes, row))
+    _, right = model.context_tree(kv, 1, select="right")
+    assert spans(right, 0) == [(0, 16), (16, 8), (24, 8)]  # key at 0: only in the coarse node
+
+
+def test_context_chunks_are_compressed_in_one_lower_tower_call():
+    model = SharedLLM(tiny_cfg())
+    calls = []
+    inner = model.lower_tower
+    model.lower_tower = lambda ids: calls.append(tuple(ids.shape)) or inner(ids)
+    model.memory(torch.randint(0, 64, (2, 3, 16)))
+    assert calls == [(6, 16)]  # all B*n chunks as one batch
+
+
+def test_eval_runner_passes_the_question_as_the_query():
+    """ModelRunner of a query-selecting SharedLLM: generate/logits with query_ids equal the model's forward with
+    them; without a query it falls back to the right half (language modelling) rather than failing."""
+    from evaluation.model_io import ModelRunner
+
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(sharedllm_select="query"))
+    _randomize_cross(model)
+    runner = ModelRunner(model, text_len=8)
+    assert runner.selects_by_query
+    ids, q = torch.randint(0, 64, (2, 2 * 16 + 11)), torch.randint(0, 64, (2, 5))
+    context = ids[:, :32].reshape(2, 2, 16)
+    with torch.no_grad():
+        seq = ids[:, 32:]
+        for _ in range(3):
+            seq = torch.cat([seq, model(seq, context_chunks=context, query_ids=q)[:, -1].argmax(-1, keepdim=True)], 1)
+        assert torch.equal(runner.generate(ids, 3, query_ids=q), seq[:, -3:])
+        text = dict(runner.logits_chunks(ids, query_ids=q))[32]
+        torch.testing.assert_close(text, model(ids[:, 32:], context_chunks=context, query_ids=q))
+        fallback = dict(runner.logits_chunks(ids))[32]
+        torch.testing.assert_close(fallback, model(ids[:, 32:], memory=model.memory(context, select="right")))

@@ -4,7 +4,10 @@
   and the text must split over cp; the compressor and its cross-attention run on pipeline stage 0; tensor
   parallelism needs the shared lower tower (its heads are the decoder's) and no Megatron-SP.
 - batch: the loader reads whole sequences on every cp rank (`loader_cp` False); `prepare_batch` cuts them into
-  context chunks (n/cp per rank, compressed there) and a contiguous share of the running text (loss on it only).
+  context chunks (n/cp per rank, compressed there) and a contiguous share of the running text (loss on it only);
+  with model.sharedllm_split_jitter > 0 it adds `split_seed` (B,): one seed of the random split points per row,
+  hashed from the row's whole sequence, the step and train.seed, so it is the same on every cp/tp/pp rank, under
+  any dp split or micro-batching, and after a resume (no RNG state involved).
 - tp: the decoder's TNL plan; the shared lower tower runs those same modules, so it yields this rank's heads of
   K_j, V_j, and the cross-attention shards over the same heads (q_proj column-, o_proj row-parallel).
 - cp: LASP on the lightning layers, distributed MHA on the cross-attention (the memory spreads over cp).
@@ -28,7 +31,7 @@ def sequence_lengths(data_cfg) -> tuple[list[int], str]:
 
 class SharedLLMSpec(ArchSpec):
     name = "sharedllm"
-    model_input_keys = ("context_chunks", "chunk_offset", "total_chunks")
+    model_input_keys = ("context_chunks", "chunk_offset", "total_chunks", "split_seed")
 
     def build(self, model_cfg):
         from model.sharedllm import SharedLLM
@@ -139,9 +142,11 @@ class SharedLLMSpec(ArchSpec):
 
         input_ids / labels: the running text's columns [cp_rank*T/cp, (cp_rank+1)*T/cp) (labels of the context
         are dropped: the loss is on the running text); context_chunks: (B, n/cp, C) this rank's chunks;
-        chunk_offset, total_chunks (n) and position_offset (the text shard's start) for `SharedLLM.forward`.
+        chunk_offset, total_chunks (n) and position_offset (the text shard's start) for `SharedLLM.forward`;
+        split_seed (B,) when model.sharedllm_split_jitter > 0 (a pure function of each row, the step and
+        train.seed: see `model.sharedllm.split_seeds`).
         """
-        from model.sharedllm import split_context
+        from model.sharedllm import split_context, split_seeds
 
         model_cfg = cfg.model if hasattr(cfg, "model") else cfg
         n, c = model_cfg.sharedllm_context_chunks, model_cfg.sharedllm_chunk
@@ -159,4 +164,7 @@ class SharedLLMSpec(ArchSpec):
         out.update(input_ids=text[:, cols], labels=labels[:, cols], position_offset=cp_rank * per_text,
                    context_chunks=chunks[:, cp_rank * per_chunks:(cp_rank + 1) * per_chunks],
                    chunk_offset=cp_rank * per_chunks, total_chunks=n)
+        if getattr(model_cfg, "sharedllm_split_jitter", 0) > 0:
+            seed = int(cfg.train.seed) if hasattr(cfg, "train") else 0
+            out["split_seed"] = split_seeds(batch["input_ids"], seed, int(batch.get("step", 0)))
         return out
