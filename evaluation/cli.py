@@ -5,9 +5,12 @@
     torchrun --nproc_per_node 2 -m evaluation PATH --out DIR                        # data-parallel
 
 Lengths are multiples of the training length T (a run's longest training sequence; --train-len overrides):
-perplexity at T/4 .. 16T, passkey and needle at T, 2T, 4T, 8T, 16T, all capped by --max-length. Writes
-DIR/results.json and DIR/{perplexity,passkey,needle}.png. Under torchrun every rank scores its share of the
-examples and rank 0 writes the files.
+perplexity at T/4 .. 16T, passkey and needle at T, 2T, 4T, 8T, 16T, MQAR at its own length L, 2L and 4L, all
+capped by --max-length. Writes DIR/results.json and DIR/{perplexity,passkey,needle,mqar}.png, each titled with the
+task, the model and its step, both axes named, the training length marked and the trials per point or cell
+given. A SharedLLM that selects its context by query (model.sharedllm_select=query) is given each passkey and
+needle question as its query. Under torchrun every rank scores its share of the examples and rank 0 writes the
+files.
 """
 from __future__ import annotations
 
@@ -42,6 +45,11 @@ def parse_args(argv):
     p.add_argument("--mqar-examples", type=int, default=256)
     p.add_argument("--mqar-seq-len", type=int, default=None, help="default: the recipe's, else 256")
     p.add_argument("--mqar-kv", type=int, default=None, help="key-value pairs (default: the recipe's, else 16)")
+    p.add_argument("--mqar-lengths", type=_ints, default=None,
+                   help="MQAR sequence lengths for accuracy vs length (default L, 2L, 4L of the MQAR length L)")
+    p.add_argument("--sharedllm-select", default=None, choices=("right", "query"),
+                   help="SharedLLM: which half of each context chunk to expand (default: the checkpoint's "
+                        "model.sharedllm_select); query: the half most like the passkey/needle question")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chunk-size", type=int, default=2048, help="TNL: tokens per forward, carrying the state")
     p.add_argument("--tokens-per-batch", type=int, default=16384)
@@ -85,7 +93,10 @@ def run_tasks(args, loaded, tasks, log=print) -> dict:
     runner, tok, T = loaded.runner, loaded.tokenizer, args.train_len or loaded.train_len
     max_len = args.max_length or 16 * T
     progress = not args.no_progress
-    results = {"model": loaded.source, "arch": runner.cfg.arch, "train_len": T, "max_length": max_len, "tasks": {}}
+    results = {"model": loaded.source, "step": getattr(loaded, "step", None), "arch": runner.cfg.arch,
+               "train_len": T, "max_length": max_len, "tasks": {}}
+    if runner.cfg.arch == "sharedllm":
+        results["sharedllm_select"] = runner.cfg.sharedllm_select
     for task in tasks:
         t0 = time.perf_counter()
         if task == "ppl":
@@ -118,7 +129,9 @@ def run_tasks(args, loaded, tasks, log=print) -> dict:
                 spec.seq_len = args.mqar_seq_len
             if args.mqar_kv:
                 spec.num_kv_pairs = args.mqar_kv
-            out = mqar.evaluate(runner, spec, args.mqar_examples, seed=12345 + args.seed)
+            lengths = args.mqar_lengths or [n for n in (spec.seq_len, 2 * spec.seq_len, 4 * spec.seq_len)
+                                            if n <= max(max_len, spec.seq_len)]
+            out = mqar.evaluate(runner, spec, args.mqar_examples, seed=12345 + args.seed, lengths=lengths)
             if not loaded.mqar:
                 out["note"] = "the model was not trained on MQAR: a zero-shot probe of in-context recall"
         out["seconds"] = round(time.perf_counter() - t0, 2)
@@ -137,19 +150,32 @@ def summarize(task: str, out: dict) -> str:
     return f"overall {out['overall']:.3f} over lengths {out['lengths']}"
 
 
+PLOT_TITLES = {"passkey": "passkey retrieval, exact match", "needle": "needle in a haystack, answer found"}
+
+
 def write_outputs(results: dict, out_dir: Path) -> list[Path]:
-    from .plots import plot_heatmap, plot_perplexity
+    from .plots import plot_accuracy, plot_heatmap, plot_perplexity
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     written = [out_dir / "results.json"]
-    tasks = results["tasks"]
+    tasks, T = results["tasks"], results["train_len"]
+    who = {"model": results.get("model"), "step": results.get("step")}
     if "curve" in tasks.get("ppl", {}):
-        written.append(plot_perplexity({results["arch"]: tasks["ppl"]["curve"]}, out_dir / "perplexity.png",
-                                       results["train_len"]))
+        ppl = tasks["ppl"]
+        unseen = (ppl.get("heldout") or {}).get("unseen")
+        title = "held-out perplexity vs context length" if unseen else "perplexity vs context length"
+        written.append(plot_perplexity({results["arch"]: ppl["curve"]}, out_dir / "perplexity.png", T, title, **who))
     for name in ("passkey", "needle"):
         if "accuracy" in tasks.get(name, {}):
-            written.append(plot_heatmap(tasks[name], out_dir / f"{name}.png", name))
+            written.append(plot_heatmap(tasks[name], out_dir / f"{name}.png", PLOT_TITLES[name], task=name,
+                                        train_len=T, **who))
+    mq = tasks.get("mqar", {})
+    if "accuracy" in mq:
+        points = mq.get("by_length") or [{"seq_len": mq["seq_len"], **{k: mq[k] for k in ("accuracy", "queries")}}]
+        label = f"{results['arch']}, {mq['num_kv_pairs']} key-value pairs, vocab {mq['vocab_size']}"
+        written.append(plot_accuracy({label: points}, out_dir / "mqar.png", "MQAR query accuracy vs length",
+                                     T, mq.get("chance"), **who))
     return written
 
 
@@ -157,8 +183,9 @@ def write_outputs(results: dict, out_dir: Path) -> list[Path]:
 _ARG_RANGES = {
     "train_len": (1, True), "max_length": (1, True), "ppl_tokens": (1, True),
     "depths": (1, True), "passkey_trials": (1, True), "mqar_examples": (1, True), "mqar_seq_len": (1, True),
-    "mqar_kv": (1, True), "chunk_size": (1, True), "tokens_per_batch": (1, True), "threads": (0, True),
-    "mqar_steps": (1, True), "mqar_seconds": (0.0, False), "ppl_lengths": (1, True), "lengths": (1, True),
+    "mqar_kv": (1, True), "mqar_lengths": (1, True), "chunk_size": (1, True), "tokens_per_batch": (1, True),
+    "threads": (0, True), "mqar_steps": (1, True), "mqar_seconds": (0.0, False), "ppl_lengths": (1, True),
+    "lengths": (1, True),
 }
 
 
@@ -216,7 +243,7 @@ def _main(argv) -> int:
 
     created = init_from_env(args.device)
     try:
-        loaded = load_for_eval(args.path, args.device, args.chunk_size, args.tokenizer)
+        loaded = load_for_eval(args.path, args.device, args.chunk_size, args.tokenizer, args.sharedllm_select)
         log = print if is_main() else (lambda *a, **k: None)
         log(f"[eval] {loaded.source} on {args.device}")
         results = run_tasks(args, loaded, tasks, log)

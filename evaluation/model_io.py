@@ -5,6 +5,7 @@ The interface (duck-typed, so a test oracle can stand in for a network):
     vocab_size: int
     logits_chunks(ids: (B, T) int64) -> iterator of (start, logits (B, c, V) float32), chunks in order covering T
     generate(ids: (B, T) int64, max_new_tokens: int, eos_id: int | None = None) -> (B, n) int64, new tokens only
+    selects_by_query: bool (optional) -> generate/logits_chunks also take query_ids (B, Tq): the question
 
 `ModelRunner` wraps one of our networks. TNL (and its hybrids) runs long inputs in chunks of `chunk_size` tokens, carrying each
 layer's fp32 recurrent state (and the global position for LRPE), so a 16x-training-length prompt never holds a
@@ -12,6 +13,7 @@ layer's fp32 recurrent state (and the global position for LRPE), so a 16x-traini
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +34,10 @@ class ModelRunner:
     reads with cross-attention to that memory. Shorter inputs have no context (the plain decoder). Logits of
     context tokens (there is no prediction of them in SharedLLM) come from the decoder alone, so perplexity
     windows cover every position; score windows whose scored tail lies in the running text.
+
+    A SharedLLM with model.sharedllm_select=query (`selects_by_query`) expands, in each context chunk, the half
+    most similar to `query_ids` (passkey/needle pass their question); given none (perplexity, MQAR, free
+    generation) it expands the right half, as in language modelling.
     """
 
     def __init__(self, model: torch.nn.Module, chunk_size: int = 2048, device: str | torch.device = "cpu",
@@ -46,22 +52,30 @@ class ModelRunner:
         # TNL and its hybrids carry states between chunks (a softmax 'S' layer's is its key/value cache)
         self.recurrent = self.cfg.arch == "tnl"
 
+    @property
+    def selects_by_query(self) -> bool:
+        """Whether a question (query_ids) steers which context the model keeps in detail."""
+        return self.sharedllm and self.cfg.sharedllm_select == "query"
+
     def context_tokens(self, length: int) -> int:
         """SharedLLM: how many leading tokens of a `length`-token input are compressed context (whole chunks)."""
         c = self.cfg.sharedllm_chunk
         return max(0, (length - self.text_len) // c) * c if self.sharedllm else 0
 
-    def _sharedllm_memory(self, ids):
+    def _sharedllm_memory(self, ids, query_ids=None):
         ctx = self.context_tokens(ids.shape[1])
         if not ctx:
             return 0, None
-        return ctx, self.model.memory(ids[:, :ctx].reshape(ids.shape[0], -1, self.cfg.sharedllm_chunk))
+        chunks = ids[:, :ctx].reshape(ids.shape[0], -1, self.cfg.sharedllm_chunk)
+        if query_ids is None or not self.selects_by_query:
+            return ctx, self.model.memory(chunks, select="right" if self.selects_by_query else None)
+        return ctx, self.model.memory(chunks, query_ids=query_ids.to(self.device))
 
     @torch.no_grad()
-    def logits_chunks(self, ids: torch.Tensor):
+    def logits_chunks(self, ids: torch.Tensor, query_ids: torch.Tensor | None = None):
         ids = ids.to(self.device)
         if self.sharedllm:
-            ctx, memory = self._sharedllm_memory(ids)
+            ctx, memory = self._sharedllm_memory(ids, query_ids)
             if ctx:
                 yield 0, self.model.decoder(ids[:, :ctx]).float()
             yield ctx, self.model(ids[:, ctx:], memory=memory).float()
@@ -76,13 +90,15 @@ class ModelRunner:
             yield start, logits.float()
 
     @torch.no_grad()
-    def generate(self, ids: torch.Tensor, max_new_tokens: int, eos_id: int | None = None) -> torch.Tensor:
-        """Greedy decoding; rows that emitted eos_id are padded with it (and decoding stops when all have)."""
+    def generate(self, ids: torch.Tensor, max_new_tokens: int, eos_id: int | None = None,
+                 query_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Greedy decoding; rows that emitted eos_id are padded with it (and decoding stops when all have).
+        query_ids (B, Tq): the question, read only by a SharedLLM that selects by query."""
         ids = ids.to(self.device)
         states, position, seq = None, 0, ids
         memory = None
         if self.sharedllm:  # the context is compressed once; the running text is re-run every step
-            ctx, memory = self._sharedllm_memory(ids)
+            ctx, memory = self._sharedllm_memory(ids, query_ids)
             seq = ids[:, ctx:]
         if not self.recurrent:  # no cache: every step re-runs the whole sequence
             last = self.model(seq, memory=memory)[:, -1] if self.sharedllm else self.model(ids)[:, -1]
@@ -113,12 +129,15 @@ class ModelRunner:
         return torch.stack(out, dim=1).cpu() if out else ids.new_zeros((ids.shape[0], 0)).cpu()
 
 
-def token_nll(model, ids: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def token_nll(model, ids: torch.Tensor, targets: torch.Tensor,
+              query_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token negative log-likelihood and greedy hit. ids, targets: (B, T); targets[b, t] is the token that
-    should follow ids[b, :t+1] or IGNORE. Returns (nll (B, T) float64, zero where ignored; hit (B, T) bool)."""
+    should follow ids[b, :t+1] or IGNORE; query_ids: the question, for a model that `selects_by_query`.
+    Returns (nll (B, T) float64, zero where ignored; hit (B, T) bool)."""
     nll = torch.zeros(targets.shape, dtype=torch.float64)
     hit = torch.zeros(targets.shape, dtype=torch.bool)
-    for start, logits in model.logits_chunks(ids):
+    kw = {"query_ids": query_ids} if query_ids is not None and getattr(model, "selects_by_query", False) else {}
+    for start, logits in model.logits_chunks(ids, **kw):
         logits = logits.cpu()
         tgt = targets[:, start:start + logits.shape[1]]
         mask = tgt != IGNORE
@@ -147,6 +166,7 @@ class Loaded:
     prepared_dir: Path | None  # the corpus the run trained on, if recorded and present
     source: str  # which folder the weights came from
     mqar: dict | None = None  # the MQAR spec a model of the MQAR recipe was trained on
+    step: int | None = None  # the training step of the weights, when known
 
 
 def _train_len(data: dict) -> int:
@@ -165,11 +185,18 @@ def _from_checkpoint(path: Path):
     data = (meta.get("config") or {}).get("data") or {}
     tok = find_tokenizer(meta, ckpt)
     prepared = Path(data["prepared_dir"]) if data.get("prepared_dir") else None
-    return cfg, state, tok, _train_len(data), prepared, str(ckpt), meta.get("mqar")
+    step = meta.get("step")
+    if step is None and ckpt.name.startswith(checkpoint.PREFIX) and ckpt.name[len(checkpoint.PREFIX):].isdigit():
+        step = checkpoint.step_of(ckpt)
+    return cfg, state, tok, _train_len(data), prepared, str(ckpt), meta.get("mqar"), step
 
 
-def load_for_eval(path, device: str = "cpu", chunk_size: int = 2048, tokenizer: str | None = None) -> Loaded:
-    """Build the model of a run folder (its latest checkpoint), a checkpoint folder, or an HF export folder."""
+def load_for_eval(path, device: str = "cpu", chunk_size: int = 2048, tokenizer: str | None = None,
+                  sharedllm_select: str | None = None) -> Loaded:
+    """Build the model of a run folder (its latest checkpoint), a checkpoint folder, or an HF export folder.
+
+    sharedllm_select: a SharedLLM's context selection at evaluation ('right' or 'query'; parameter-free, so any
+    checkpoint can use either); None keeps the checkpoint's."""
     from data_pipeline import load_tokenizer
     from pretrain.convert import is_hf_folder
 
@@ -181,10 +208,16 @@ def load_for_eval(path, device: str = "cpu", chunk_size: int = 2048, tokenizer: 
         tok = path / "tokenizer.model" if (path / "tokenizer.model").is_file() else None
         extra = raw.get("lightspan") or {}
         train_len, prepared, source, mqar = int(extra.get("context", 2048)), None, str(path), None
+        step = extra.get("step")
     else:
-        cfg, state, tok, train_len, prepared, source, mqar = _from_checkpoint(path)
+        cfg, state, tok, train_len, prepared, source, mqar, step = _from_checkpoint(path)
         if mqar:
             train_len = int(mqar["seq_len"])
+    if sharedllm_select is not None:
+        if cfg.arch != "sharedllm":
+            raise ValueError(f"--sharedllm-select applies to a SharedLLM checkpoint; {path} holds model.arch "
+                             f"{cfg.arch!r}: drop the option")
+        cfg = dataclasses.replace(cfg, sharedllm_select=sharedllm_select)
     with torch.device(device):
         model = build_model(cfg)
     model.load_state_dict(state)
@@ -193,4 +226,5 @@ def load_for_eval(path, device: str = "cpu", chunk_size: int = 2048, tokenizer: 
     if cfg.arch == "sharedllm":  # its training running text: the sequence after the context chunks
         text_len = max(1, train_len - cfg.sharedllm_context_chunks * cfg.sharedllm_chunk)
     return Loaded(ModelRunner(model, chunk_size, device, text_len), tok_obj, train_len,
-                  prepared if prepared is not None and prepared.is_dir() else None, source, mqar)
+                  prepared if prepared is not None and prepared.is_dir() else None, source, mqar,
+                  int(step) if step is not None else None)

@@ -86,10 +86,27 @@ class MQARSpec:
     power_a: float = 0.01
 
 
-def evaluate(model, spec: MQARSpec, n_examples: int = 256, seed: int = 12345, batch_size: int = 64) -> dict:
+def evaluate(model, spec: MQARSpec, n_examples: int = 256, seed: int = 12345, batch_size: int = 64,
+             lengths=None) -> dict:
+    """Query accuracy at spec.seq_len; with `lengths`, also `by_length`: the same task (same key-value pairs
+    count, power law over the longer query region) at each sequence length, [{seq_len, accuracy, correct, queries,
+    examples}], the spec's own length included."""
     inputs, targets = make_mqar(n_examples, spec.seq_len, spec.num_kv_pairs, spec.vocab_size, spec.power_a, seed)
     out = accuracy(model, inputs, targets, batch_size)
-    return {"task": "mqar", **dataclasses.asdict(spec), "seed": seed, "chance": 2 / spec.vocab_size, **out}
+    res = {"task": "mqar", **dataclasses.asdict(spec), "seed": seed, "chance": 2 / spec.vocab_size, **out}
+    if lengths:
+        by_length = []
+        for n in sorted(set(int(x) for x in lengths) | {spec.seq_len}):
+            if n == spec.seq_len:
+                point = out
+            elif n < 4 * spec.num_kv_pairs:
+                continue
+            else:
+                x, y = make_mqar(n_examples, n, spec.num_kv_pairs, spec.vocab_size, spec.power_a, seed)
+                point = accuracy(model, x, y, max(1, batch_size * spec.seq_len // n))
+            by_length.append({"seq_len": n, **point})
+        res["by_length"] = by_length
+    return res
 
 
 # ------------------------------------------------------------------------------------------------------------

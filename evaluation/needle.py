@@ -54,7 +54,7 @@ def make_examples(tok, lengths, depths=None, seed: int = 0) -> list[Example]:
                 continue
             answer_ids = tok.encode(" " + ingredient)
             out.append(Example(length, depth, 0, ids, ingredient, answer_ids, len(answer_ids) + 3,
-                               {"question": f"{color} {dish}"}))
+                               {"question": f"{color} {dish}"}, query=question))
     return out
 
 
@@ -67,5 +67,8 @@ def evaluate(model, tok, lengths, depths=None, seed: int = 0, progress: bool = F
     examples = make_examples(tok, lengths, depths, seed)
     records = run_grid(model, examples, score, eos_id=tok.eos_id, tokens_per_batch=tokens_per_batch,
                        decode=tok.decode, progress=progress, desc="needle")
-    return {"task": "needle", "seed": seed, "chance": CHANCE, **accuracy_grid(records),
-            "too_short": sorted(set(lengths) - {e.length for e in examples}), "records": records}
+    out = {"task": "needle", "seed": seed, "trials": 1, "chance": CHANCE, **accuracy_grid(records),
+           "too_short": sorted(set(lengths) - {e.length for e in examples}), "records": records}
+    if getattr(model, "selects_by_query", False):
+        out["query"] = "the question's tokens (query-aware context selection)"
+    return out

@@ -37,7 +37,7 @@ def make_examples(tok, lengths, depths=None, trials: int = 1, seed: int = 0) -> 
                                    depth)
                 except TooShort:
                     continue
-                out.append(Example(length, depth, trial, ids, key, answer_ids, len(answer_ids) + 3))
+                out.append(Example(length, depth, trial, ids, key, answer_ids, len(answer_ids) + 3, query=question))
     return out
 
 
@@ -57,7 +57,8 @@ def answer_nll(model, examples: list[Example]) -> dict:
     for ex in examples:
         full = ex.ids + ex.answer_ids
         targets = [IGNORE] * (len(ex.ids) - 1) + ex.answer_ids
-        nll, _ = token_nll(model, torch.tensor([full[:-1]]), torch.tensor([targets]))
+        nll, _ = token_nll(model, torch.tensor([full[:-1]]), torch.tensor([targets]),
+                           torch.tensor([ex.query]) if ex.query else None)
         by_len.setdefault(ex.length, []).append(float(nll.sum()) / len(ex.answer_ids))
     return {str(length): sum(v) / len(v) for length, v in sorted(by_len.items())}
 
@@ -70,6 +71,8 @@ def evaluate(model, tok, lengths, depths=None, trials: int = 1, seed: int = 0, p
                        decode=tok.decode, progress=progress, desc="passkey")
     out = {"task": "passkey", "seed": seed, "trials": trials, "chance": CHANCE, **accuracy_grid(records),
            "too_short": sorted(set(lengths) - {e.length for e in examples}), "records": records}
+    if getattr(model, "selects_by_query", False):
+        out["query"] = "the question's tokens (query-aware context selection)"
     if with_nll:
         out["answer_nll"] = answer_nll(model, examples)
     return out

@@ -4,7 +4,9 @@ token length, decode greedily, score the answer.
 A prompt is assembled from token pieces: intro + filler[:p] + needle + filler[p:] + question, with the filler
 cut so the whole prompt is exactly `length` tokens, and p the filler-sentence boundary nearest to
 depth x (filler length). Depth 0 puts the needle right after the intro, depth 1 right before the question.
-All prompts of one length have the same size, so they batch without padding.
+All prompts of one length have the same size, so they batch without padding. A model that selects its context
+by a query (a SharedLLM with model.sharedllm_select=query: `selects_by_query`) is handed each example's question
+tokens as `query_ids`; such batches also share the question's length.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ class Example:
     answer_ids: list  # the answer's tokens (what an oracle generates)
     max_new_tokens: int
     meta: dict = field(default_factory=dict)
+    query: list = field(default_factory=list)  # the question's tokens (the query of a query-aware model)
 
 
 class TooShort(ValueError):
@@ -61,17 +64,22 @@ def run_grid(model, examples: list[Example], score, eos_id=None, tokens_per_batc
 
     score(example, generated_text) -> bool; decode(ids) -> text. Returns one record per example, in order."""
     mine = my_share(len(examples))
-    by_len: dict[int, list[int]] = {}
+    by_query = bool(getattr(model, "selects_by_query", False))
+    by_len: dict[tuple, list[int]] = {}
     for i in mine:
-        by_len.setdefault(examples[i].length, []).append(i)
+        ex = examples[i]
+        by_len.setdefault((ex.length, len(ex.query) if by_query else 0), []).append(i)
     batches = []
-    for length, idx in sorted(by_len.items()):
+    for (length, _), idx in sorted(by_len.items()):
         size = max(1, tokens_per_batch // length)
         batches += [idx[j:j + size] for j in range(0, len(idx), size)]
     local = {}
     for batch in tqdm(batches, desc=desc, disable=not (progress and is_main()), leave=False):
         ids = torch.tensor([examples[i].ids for i in batch], dtype=torch.long)
-        new = model.generate(ids, max(examples[i].max_new_tokens for i in batch), eos_id=eos_id)
+        kw = {}
+        if by_query and examples[batch[0]].query:
+            kw["query_ids"] = torch.tensor([examples[i].query for i in batch], dtype=torch.long)
+        new = model.generate(ids, max(examples[i].max_new_tokens for i in batch), eos_id=eos_id, **kw)
         for row, i in enumerate(batch):
             ex = examples[i]
             toks = [int(t) for t in new[row, :ex.max_new_tokens].tolist()]
@@ -84,7 +92,7 @@ def run_grid(model, examples: list[Example], score, eos_id=None, tokens_per_batc
 
 
 def accuracy_grid(records: list[dict]) -> dict:
-    """{lengths, depths, accuracy[length_i][depth_j], overall}."""
+    """{lengths, depths, accuracy[length_i][depth_j], cell_trials[length_i][depth_j] (examples per cell), overall}."""
     lengths = sorted({r["length"] for r in records})
     depths = sorted({r["depth"] for r in records})
     cells = {}
@@ -92,5 +100,6 @@ def accuracy_grid(records: list[dict]) -> dict:
         cells.setdefault((r["length"], r["depth"]), []).append(r["correct"])
     acc = [[(sum(cells[(l, d)]) / len(cells[(l, d)])) if (l, d) in cells else None for d in depths]
            for l in lengths]
+    counts = [[len(cells.get((l, d), ())) for d in depths] for l in lengths]
     overall = sum(r["correct"] for r in records) / max(len(records), 1)
-    return {"lengths": lengths, "depths": depths, "accuracy": acc, "overall": overall}
+    return {"lengths": lengths, "depths": depths, "accuracy": acc, "cell_trials": counts, "overall": overall}

@@ -49,8 +49,10 @@ def test_eval_writes_json_and_plots(run, tmp_path):
     assert ppl["heldout"]["tokens"] == 600
     keys = res["tasks"]["passkey"]
     assert keys["lengths"] == [256] and keys["too_short"] == [64] and keys["depths"] == [0.0, 0.5, 1.0]
-    assert res["tasks"]["mqar"]["queries"] == 64
-    for name in ("perplexity.png", "passkey.png", "needle.png"):
+    assert res["tasks"]["mqar"]["queries"] == 64 and res["step"] == 5
+    assert [p["seq_len"] for p in res["tasks"]["mqar"]["by_length"]] == [32, 64, 128]  # L, 2L, 4L
+    assert keys["cell_trials"] == [[1, 1, 1]]
+    for name in ("perplexity.png", "passkey.png", "needle.png", "mqar.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
 
 
@@ -121,3 +123,29 @@ def test_resolve_device_refuses(monkeypatch, gpus, env, device, words):
         monkeypatch.setenv(k, v)
     with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)")):
         resolve_device(device)
+
+
+def test_sharedllm_eval_with_the_question_as_query(run, tmp_path):
+    """A SharedLLM checkpoint (trained with the right-half policy) evaluated with --sharedllm-select query: passkey
+    and needle hand it their question; perplexity and MQAR have none and expand the right half."""
+    from evaluation.model_io import load_for_eval
+
+    cfg = Config()
+    meta = json.loads(next((run / "run" / "checkpoints").iterdir()).joinpath("meta.json").read_text())
+    cfg.model = ModelConfig(arch="sharedllm", vocab_size=meta["config"]["model"]["vocab_size"], dim=32, layers=2,
+                            heads=2, glu_dim=64, sharedllm_layers=1, sharedllm_chunk=32, sharedllm_depth=1,
+                            sharedllm_node_positions=8, sharedllm_context_chunks=1)
+    cfg.data.prepared_dir, cfg.data.loader, cfg.data.seq_len = meta["config"]["data"]["prepared_dir"], "concat", 64
+    torch.manual_seed(0)
+    checkpoint.save_weights(tmp_path / "shared", 3, build_model(cfg.model).state_dict(), {"config": to_dict(cfg)})
+    out = tmp_path / "out"
+    assert lightspan(["eval", str(tmp_path / "shared"), "--out", str(out), *SMALL, "--sharedllm-select", "query",
+                      "--tokenizer", str(run / "tok.model")]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["sharedllm_select"] == "query" and res["step"] == 3
+    assert "query" in res["tasks"]["passkey"] and "query" in res["tasks"]["needle"]
+    for name in ("perplexity.png", "passkey.png", "needle.png", "mqar.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+    assert load_for_eval(tmp_path / "shared").runner.selects_by_query is False  # the checkpoint's own: right
+    with pytest.raises(ValueError, match="applies to a SharedLLM"):
+        load_for_eval(run / "run", sharedllm_select="query")

@@ -112,3 +112,46 @@ def test_passkey_answer_nll_is_zero_for_an_oracle_and_log11_for_a_uniform_guesse
 
     flat = passkey.answer_nll(UniformDigits(), examples)
     assert all(abs(v - math.log(11)) < 1e-9 for v in flat.values()), flat
+
+
+class QueryOracle(OracleModel):
+    """An oracle that selects by query (like a SharedLLM with sharedllm_select=query): it checks that every prompt
+    comes with its own question as query_ids, and records the queries it was given."""
+
+    selects_by_query = True
+
+    def __init__(self, vocab_size, answers, questions):
+        super().__init__(vocab_size, answers)
+        self.questions, self.seen = questions, []
+
+    def generate(self, ids, max_new_tokens, eos_id=None, query_ids=None):
+        assert query_ids is not None and query_ids.shape[0] == ids.shape[0]
+        for row, q in zip(ids.tolist(), query_ids.tolist()):
+            assert self.questions[tuple(row)] == tuple(q)
+            self.seen.append(tuple(q))
+        return super().generate(ids, max_new_tokens, eos_id)
+
+
+def test_passkey_and_needle_hand_the_question_to_a_query_aware_model():
+    for task, examples, kw in (("passkey", passkey.make_examples(TOK, LENGTHS, DEPTHS, trials=2, seed=0),
+                                {"trials": 2}),
+                               ("needle", needle.make_examples(TOK, LENGTHS, DEPTHS, seed=0), {})):
+        assert all(TOK.decode(e.ids).endswith(TOK.decode(e.query)) and e.query for e in examples)
+        model = QueryOracle(TOK.vocab_size, {tuple(e.ids): e.answer_ids for e in examples},
+                            {tuple(e.ids): tuple(e.query) for e in examples})
+        out = (passkey if task == "passkey" else needle).evaluate(model, TOK, LENGTHS, DEPTHS, seed=0, **kw)
+        assert out["overall"] == 1.0 and "query" in out, task
+        assert sorted(model.seen) == sorted(tuple(e.query) for e in examples)
+        assert out["cell_trials"] == [[kw.get("trials", 1)] * len(DEPTHS)] * len(LENGTHS)
+    examples = passkey.make_examples(TOK, LENGTHS, DEPTHS, seed=0)
+    plain = passkey.evaluate(_oracle(examples), TOK, LENGTHS, DEPTHS, seed=0)
+    assert plain["overall"] == 1.0 and "query" not in plain  # a model without query selection gets none
+
+
+def test_mqar_accuracy_by_length():
+    spec = mqar.MQARSpec(seq_len=32, num_kv_pairs=4, vocab_size=64)
+    res = mqar.evaluate(RandomModel(64, range(32, 64), seed=0), spec, 16, lengths=[64, 8, 128])
+    assert [p["seq_len"] for p in res["by_length"]] == [32, 64, 128]  # 8 < 4 x pairs: left out
+    assert res["by_length"][0]["accuracy"] == res["accuracy"]
+    assert all(p["queries"] == 16 * 4 and p["examples"] == 16 for p in res["by_length"])
+    assert "by_length" not in mqar.evaluate(RandomModel(64, seed=0), spec, 4)
