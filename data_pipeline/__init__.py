@@ -16,6 +16,10 @@ Public API::
     stats(prepared_dir, tokens_per_step, min_log2, max_log2, train_tokens=None) -> dict
     verify_prepared(prepared_dir, tokenizer=None) -> manifest
     export_megatron(prepared_dir, out_prefix) -> prefix   (needs megatron-core)
+    prepare("synthetic:retrieval", out_dir, synthetic={seed, documents, fraction, kinds, keys, min_distance,
+            max_distance}, holdout_docs=...)   (generated retrieval documents; synthetic_options(cfg.data))
+    retrieval_prompts(tok, lengths, depths, kind, trials, seed, keys, split="heldout") -> [RetrievalPrompt]
+            (evaluation prompts in the synthetic documents' format) ; score_generation(prompt, text) -> bool
 
 Bad input raises one-sentence errors naming the file and the fix: ``SourceError`` (a ValueError: empty, not
 UTF-8, unparsable, no text column), ``NoSuchSourceError`` (a FileNotFoundError), ``OutputFolderError`` (a
@@ -48,6 +52,8 @@ _EXPORTS = {
     "open_source": "sources", "stdlib_files": "sources", "SourceError": "sources",
     "NoSuchSourceError": "sources",
     "IGNORE_INDEX": "sharding",
+    "SyntheticSource": "synthetic", "synthetic_options": "synthetic", "retrieval_prompts": "synthetic",
+    "RetrievalPrompt": "synthetic", "score_generation": "synthetic",
 }
 
 __all__ = sorted(_EXPORTS)

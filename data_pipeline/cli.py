@@ -34,6 +34,24 @@ def _shard_from_env(shard: str, num_shards: int | None) -> tuple[int, int]:
     return i, n
 
 
+def _synthetic_options(items: list[str]) -> dict | None:
+    """--synthetic KEY=VALUE ... -> {KEY: VALUE} (values read as YAML scalars or lists: 0.3, [passkey,needle])."""
+    if not items:
+        return None
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--synthetic {item!r}: write it as KEY=VALUE, e.g. --synthetic fraction=0.3")
+        try:
+            out[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise ValueError(f"--synthetic {item!r}: cannot read {raw!r} as a value") from None
+    return out
+
+
 def prepare_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="lightspan prepare",
                                 description="Tokenize a corpus into memory-mapped token shards (+ tokenizer, manifest).",
@@ -42,7 +60,8 @@ def prepare_main(argv: list[str] | None = None) -> int:
                                        "`--merge DIR`. launch/slurm/prepare.sbatch runs all three on slurm.")
     p.add_argument("--source", default="stdlib",
                    help="'stdlib' (default), a jsonl/json/parquet/txt file or folder, a Megatron prefix "
-                        "(or megatron:PREFIX), or a hub dataset name[:config]")
+                        "(or megatron:PREFIX), 'synthetic:retrieval' (generated retrieval documents over the "
+                        "stdlib corpus; options: --synthetic), or a hub dataset name[:config]")
     p.add_argument("--out", default=None, help="output folder")
     p.add_argument("--tokenizer", default=None,
                    help="existing tokenizer: a sentencepiece .model, a Hugging Face tokenizer.json or a folder holding "
@@ -70,6 +89,9 @@ def prepare_main(argv: list[str] | None = None) -> int:
                    help="join DIR/shard_*/ into one prepared folder (checks every shard; copies no token)")
     p.add_argument("--check", default="sha256", choices=["sha256", "size"],
                    help="--merge: hash every shard file against its manifest (default), or check sizes only")
+    p.add_argument("--synthetic", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of --source synthetic:retrieval (repeatable): seed, documents, fraction, kinds, "
+                        "keys, min_distance, max_distance (the config's data.synthetic_*)")
     p.add_argument("--overwrite", action="store_true", help="replace a different preparation in --out")
     p.add_argument("--verify", action="store_true", help="hash every written file against the manifest afterwards")
     args = p.parse_args(argv)
@@ -80,6 +102,7 @@ def prepare_main(argv: list[str] | None = None) -> int:
 
     sample = None if args.tokenizer_sample_mb is None else int(args.tokenizer_sample_mb * 1e6)
     try:
+        synthetic = _synthetic_options(args.synthetic)
         if args.merge is not None:
             out = merge_shards(args.merge, holdout_docs=args.holdout_docs, holdout=args.holdout, check=args.check,
                                workers=args.workers)
@@ -100,7 +123,7 @@ def prepare_main(argv: list[str] | None = None) -> int:
                           tokenizer_sample_bytes=sample, text_field=args.text_field, split=args.split,
                           num_workers=args.workers, shard_tokens=args.shard_tokens, max_documents=args.max_documents,
                           overwrite=args.overwrite, holdout_docs=args.holdout_docs, holdout=args.holdout,
-                          shard=shard, num_shards=num_shards)
+                          shard=shard, num_shards=num_shards, synthetic=synthetic)
         if args.verify:
             verify_prepared(out)
             print(f"[prepare] verified every file in {out} against its manifest")

@@ -253,7 +253,8 @@ def prepare_mixture(out_dir: str | Path, sources: list, tokenizer=None, vocab_si
         elif there is not None:
             tok = there
         else:
-            opened = [open_source(s["path"], text_field=s["text_field"]) for s in sources]
+            opened = [open_source(s["path"], text_field=s["text_field"], synthetic=prepare_kwargs.get("synthetic"))
+                      for s in sources]
             print(f"[prepare] training one tokenizer (vocab {vocab_size}) on the {len(sources)} mixture sources")
             quotas, _ = mixture_quotas([s["weight"] for s in sources])
             tok = train_tokenizer(_interleave([o.texts() for o in opened], quotas), target / "tokenizer.model",

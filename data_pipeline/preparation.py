@@ -204,6 +204,10 @@ def _mismatch_error(out_dir: Path, manifest: dict, src, options: dict, tokenizer
     new_src = src.describe()
     if old_src.get("spec") != new_src["spec"]:
         diffs.append(f"source {old_src.get('spec')!r} there, {new_src['spec']!r} asked for")
+    elif new_src.get("kind") == "synthetic" and old_src.get("options") != new_src.get("options"):
+        old_o, new_o = old_src.get("options") or {}, new_src.get("options") or {}
+        diffs += [f"data.synthetic_{k} {old_o.get(k)!r} there, {new_o.get(k)!r} asked for"
+                  for k in sorted(set(old_o) | set(new_o)) if old_o.get(k) != new_o.get(k)]
     elif manifest.get("source_fingerprint") not in (None, src.fingerprint()):
         diffs.append(f"the source {new_src['spec']!r} changed since it was prepared (file sizes or times)")
     elif old_src.get("text_field") != new_src.get("text_field"):
@@ -274,7 +278,7 @@ def _source_paths(src) -> list[Path]:
     """The local paths a source reads (resolved), for the overlap check."""
     if isinstance(src, MegatronSource):
         return [Path(src.prefix + suffix).resolve() for suffix in (".bin", ".idx")]
-    if src.kind == "stdlib":
+    if src.kind in ("stdlib", "synthetic"):
         import sysconfig
         return [Path(sysconfig.get_paths()["stdlib"]).resolve()]
     if src.kind == "files":
@@ -428,6 +432,7 @@ def prepare(
     holdout: float = 0.0,
     shard: int | None = None,
     num_shards: int | None = None,
+    synthetic: dict | None = None,
 ) -> Path:
     """Tokenize ``source`` into ``out_dir``; returns ``out_dir``.
 
@@ -445,6 +450,8 @@ def prepare(
         (``split_holdout``); they are listed in ``heldout.npy`` and no loader reads them.
     shard, num_shards: prepare only shard ``shard`` of ``num_shards`` into ``out_dir/shard_<shard:05d>/``
         (``prepare_shard``); ``merge_shards(out_dir)`` joins them. The held-out split is then the merge's.
+    synthetic: the options of a ``synthetic:retrieval`` source (``synthetic.OPTION_NAMES``: seed, documents,
+        fraction, ...; the config's ``data.synthetic_*``); its held-out documents come from a disjoint stream.
     Several processes may call this at once on one folder: they take turns (a file lock), so it is done once.
     """
     if shard is not None or num_shards is not None:
@@ -459,7 +466,9 @@ def prepare(
     out_dir = Path(out_dir)
     target = out_dir.expanduser().resolve()  # a symlinked output folder: work beside the real one
     # refused input touches nothing: the source is checked before the lock file or any folder is created
-    src = open_source(source, text_field=text_field, split=split, max_documents=max_documents)
+    src = open_source(source, text_field=text_field, split=split, max_documents=max_documents, synthetic=synthetic)
+    if getattr(src, "kind", None) == "synthetic":
+        src = src.with_holdout(holdout_opts)  # the documents heldout.npy will list come from the held-out stream
     _refuse_overlap(src, target, out_dir)
     target.parent.mkdir(parents=True, exist_ok=True)
     with _exclusive(target):
@@ -547,6 +556,11 @@ def _build(src, out_dir: Path, tokenizer, vocab_size, model_type, byte_fallback,
     if isinstance(src, MegatronSource):
         shards, documents, dtype, vocab, n_bytes = _write_pretokenized(src, out_dir, tok, shard_tokens, append_eos,
                                                                       progress)
+    elif getattr(src, "kind", None) == "synthetic":  # generated at the token level: exact lengths and distances
+        from .synthetic import write_synthetic
+
+        dtype, vocab = token_dtype(tok.vocab_size), tok.vocab_size
+        shards, documents, n_bytes = write_synthetic(src, out_dir, tok, dtype, shard_tokens, progress)
     else:
         dtype, vocab = token_dtype(tok.vocab_size), tok.vocab_size
         shards, documents, n_bytes = _write_text(src, out_dir, tok, dtype, shard_tokens, num_workers, progress)

@@ -8,6 +8,8 @@ A source is opened from one string:
   ``datasets`` (the ``text_field`` column, ``"text"`` by default; a ``.txt`` file is one document).
 - a Megatron indexed dataset (``prefix.bin`` + ``prefix.idx``, given as the prefix, either file, or
   ``"megatron:PREFIX"``): already tokenized, so it yields token arrays instead of text.
+- ``"synthetic:retrieval"``: generated long-context retrieval documents over the stdlib corpus (``synthetic.py``;
+  its options come as ``open_source(..., synthetic={...})``, from the config's ``data.synthetic_*``).
 - anything else is taken as a Hugging Face hub dataset name (``"name"``, ``"owner/name"``, ``"name:config"``),
   which needs a network. A spec that can only be a path (it starts with ``/``, ``.`` or ``~``, has more than one
   ``/`` or a backslash, ends in a file suffix such as ``.jsonl``, or its folder part exists here) and does not exist
@@ -34,9 +36,12 @@ import sys
 import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .synthetic import SyntheticSource
 
 class SourceError(ValueError):
     """A source that exists but cannot be used: empty, not UTF-8, not valid JSON, no such column, no documents."""
@@ -329,6 +334,9 @@ def slice_source(src, shard: int, num_shards: int) -> TextSource:
     if isinstance(src, MegatronSource):
         raise ValueError(f"source {src.spec!r} is a Megatron corpus, already tokenized: copying it is not the slow "
                          f"part; prepare it in one process (without --shard)")
+    if getattr(src, "kind", None) == "synthetic":
+        raise ValueError(f"source {src.spec!r} is generated, and its held-out documents are chosen as it is "
+                         f"generated: prepare it in one process (without --shard)")
     if not (isinstance(num_shards, int) and num_shards >= 1 and isinstance(shard, int) and 0 <= shard < num_shards):
         raise ValueError(f"--shard {shard} --num-shards {num_shards}: need num_shards >= 1 and 0 <= shard < "
                          f"num_shards")
@@ -363,8 +371,14 @@ def open_source(
     text_field: str = "text",
     split: str = "train",
     max_documents: int | None = None,
-) -> TextSource | MegatronSource:
-    """Open a source from its spec string (see the module docstring). Nothing is read yet."""
+    synthetic: dict | None = None,
+) -> TextSource | MegatronSource | SyntheticSource:
+    """Open a source from its spec string (see the module docstring). Nothing is read yet. ``synthetic``: the options
+    of a ``synthetic:...`` source (``synthetic.OPTION_NAMES``; ignored by other sources)."""
+    if spec.startswith("synthetic:"):
+        from .synthetic import open_synthetic
+
+        return open_synthetic(spec, synthetic, max_documents)
     if spec == "stdlib":
         return TextSource(spec, "stdlib", stdlib_files(), text_field, split, max_documents)
     prefix = _megatron_prefix(spec)

@@ -44,6 +44,14 @@ class DataConfig:
     max_log2: int = 13
     curriculum: str = "grow_p2"  # uniform | grow_p2 | grow_linear
     cycles: int = 8
+    # data.source: synthetic:retrieval, real corpus text with facts and later questions (data_pipeline/synthetic.py)
+    synthetic_seed: int = 0  # synthetic:retrieval: the seed its documents are generated from
+    synthetic_documents: int = 2000  # synthetic:retrieval: documents generated (plain and retrieval together)
+    synthetic_fraction: float = 0.5  # synthetic:retrieval: share of retrieval documents (the rest: plain corpus text)
+    synthetic_kinds: list = field(default_factory=list)  # synthetic kinds: passkey multikey multihop needle ([]: all)
+    synthetic_keys: int = 4  # synthetic:retrieval: most facts in a multikey/needle document (multihop: keys // 2 chains)
+    synthetic_min_distance: int = 64  # synthetic:retrieval: fewest tokens from a fact to its question
+    synthetic_max_distance: int = 4096  # most tokens from a fact to its question (<= 2^max_log2 - 129: one DD piece)
 
 
 @dataclass
@@ -263,6 +271,12 @@ RANGES = {
     "data.workers": Range(0),
     "data.holdout": Range(0, 1, high_open=True, note="the fraction of documents held out of training"),
     "data.holdout_docs": Range(0, note="documents held out of training"),
+    "data.synthetic_seed": Range(0, note="the seed of the synthetic:retrieval documents"),
+    "data.synthetic_documents": Range(1, note="documents the synthetic:retrieval source generates"),
+    "data.synthetic_fraction": Range(0, 1, note="the share of retrieval documents in synthetic:retrieval"),
+    "data.synthetic_keys": Range(1, note="facts asked about in a synthetic multikey/needle document, at most"),
+    "data.synthetic_min_distance": Range(1, note="tokens from a synthetic fact to its question, at least"),
+    "data.synthetic_max_distance": Range(1, note="tokens from a synthetic fact to its question, at most"),
     "checkpoint.every": Range(0, note="0 saves only at the end"),
     "checkpoint.keep_last": Range(1),
     "train.loss_chunk": Range(0, note="0 computes the whole logits at once"),

@@ -42,7 +42,7 @@ def ensure_prepared(cfg: Config) -> Path:
     if sources is not None:
         data_pipeline.prepare_mixture(out, sources, tokenizer=d.tokenizer or None, vocab_size=cfg.model.vocab_size,
                                       text_field=d.text_field, num_workers=d.workers, holdout_docs=d.holdout_docs,
-                                      holdout=d.holdout)
+                                      holdout=d.holdout, synthetic=data_pipeline.synthetic_options(d))
         return out
     data_pipeline.prepare(
         d.source,
@@ -53,6 +53,7 @@ def ensure_prepared(cfg: Config) -> Path:
         text_field=d.text_field,
         holdout_docs=d.holdout_docs,
         holdout=d.holdout,
+        synthetic=data_pipeline.synthetic_options(d),  # the options of a synthetic:... source (else unused)
     )
     return out
 
