@@ -22,7 +22,7 @@ verbs:
   train     pretrain from a YAML config (same as `python -m pretrain`); --help lists every config field
   convert   checkpoint <-> Hugging Face conversion
   eval      long-context evaluation
-  bench     benchmarks: `lightspan bench {lightning,loader,lasp,attention,quality,memory,compile}`
+  bench     benchmarks: `lightspan bench {lightning,loader,lasp,attention,quality,memory,compile,dd_speed}`
   plan      layouts that fit: `lightspan plan --config FILE --gpus N --device h100-80gb [--seq-len L]`
   generate  continue a prompt with a trained model (greedy or sampled): `lightspan generate RUN --prompt TEXT`
   config    the config schema: `lightspan config show --config FILE [overrides]` (resolved YAML),
@@ -31,7 +31,7 @@ verbs:
 --debug (anywhere, or LIGHTSPAN_DEBUG=1): show the traceback of an error instead of its one-line message
 """
 
-BENCHES = ("lightning", "loader", "lasp", "attention", "quality", "memory", "compile")
+BENCHES = ("lightning", "loader", "lasp", "attention", "quality", "memory", "compile", "dd_speed")
 HELP = ("-h", "--help")
 
 
