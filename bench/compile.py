@@ -18,16 +18,11 @@ def run(cfg_path: str, seq: int, steps: int, compiled: bool) -> tuple[float, flo
     import torch
 
     from parallel.mesh import build_mesh
-    from parallel.parallelize import TrainStep, build
     from pretrain.config import load_config
-    from pretrain.optim import build_optimizer, build_scheduler
+    from pretrain.trainer import build_train_step
 
     cfg = load_config(cfg_path, [f"--train.compile={str(compiled).lower()}", "--train.device=cpu"])
-    mesh = build_mesh(cfg.parallel)
-    torch.manual_seed(0)
-    model = build(cfg, mesh)
-    opt = build_optimizer(model, cfg.train)
-    step = TrainStep(model, opt, build_scheduler(opt, cfg.train), cfg, mesh)
+    step = build_train_step(cfg, build_mesh(cfg.parallel))
     rows = max(cfg.data.tokens_per_step // seq, 1)
     g = torch.Generator().manual_seed(1)
     batch = {"input_ids": torch.randint(0, cfg.model.vocab_size, (rows, seq), generator=g),

@@ -19,13 +19,9 @@ def step_time(cfg, seq: int, tokens: int) -> float:
     import torch
 
     from parallel.mesh import build_mesh
-    from parallel.parallelize import TrainStep, build
-    from pretrain.optim import build_optimizer, build_scheduler
+    from pretrain.trainer import build_train_step
 
-    mesh = build_mesh(cfg.parallel)
-    model = build(cfg, mesh)
-    opt = build_optimizer(model, cfg.train)
-    step = TrainStep(model, opt, build_scheduler(opt, cfg.train), cfg, mesh)
+    step = build_train_step(cfg, build_mesh(cfg.parallel))
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, cfg.model.vocab_size, (max(tokens // seq, 1), seq), generator=g)
     batch = {"input_ids": ids, "labels": torch.roll(ids, -1, 1)}

@@ -35,10 +35,9 @@ def _vm(field: str) -> int:
 def child(args) -> None:
     import torch
 
-    from parallel.parallelize import TrainStep, build
     from pretrain.config import load_config
     from pretrain.distributed import init_process_group
-    from pretrain.optim import build_optimizer, build_scheduler
+    from pretrain.trainer import build_train_step
 
     torch.set_num_threads(args.threads)
     cfg = load_config(None, [f"--model.layers={args.layers}", f"--model.dim={args.dim}", f"--model.heads={args.heads}",
@@ -48,10 +47,7 @@ def child(args) -> None:
     init_process_group("cpu")
     from parallel.mesh import build_mesh
 
-    mesh = build_mesh(cfg.parallel)
-    model = build(cfg, mesh)
-    opt = build_optimizer(model, cfg.train)
-    step = TrainStep(model, opt, build_scheduler(opt, cfg.train), cfg, mesh)
+    step = build_train_step(cfg, build_mesh(cfg.parallel))
     g = torch.Generator().manual_seed(0)
     batch = {"input_ids": torch.randint(0, args.vocab, (1, args.seq), generator=g),
              "labels": torch.randint(0, args.vocab, (1, args.seq), generator=g)}

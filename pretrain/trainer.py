@@ -39,6 +39,16 @@ APPLIED_ON_RESUME = ("lr", "min_lr_ratio", "warmup_steps", "steps", "weight_deca
                      "grad_clip", "on_nan", "max_skipped_steps")
 
 
+def build_train_step(cfg: Config, mesh, device="cpu") -> TrainStep:
+    """The model of `cfg` built for this rank of `mesh` (meta device, sharded, materialised), AdamW, the LR
+    schedule and the one TrainStep over them: `.model` (what the optimizer steps), `.optimizer`, `.scheduler`."""
+    parallelized = build(cfg, mesh, device)
+    optimizer = build_optimizer(trainable_module(parallelized), cfg.train)
+    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if cfg.train.precision == "bf16" \
+        else nullcontext()
+    return TrainStep(parallelized, optimizer, build_scheduler(optimizer, cfg.train), cfg, mesh, autocast)
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -70,15 +80,10 @@ class Trainer:
                              f"{cfg.model.vocab_size}: raise model.vocab_size or use a smaller tokenizer")
         # Under pp `parallelized` is a PipelineRunner; its stage module keeps the global parameter names, so
         # optimizer, checkpoints and grad clipping all work on this rank's stage.
-        self.parallelized = build(cfg, self.env.mesh, self.device)
-        self.model = trainable_module(self.parallelized)
+        self.train_step = build_train_step(cfg, self.env.mesh, self.device)
+        self.model, self.optimizer, self.scheduler = (self.train_step.model, self.train_step.optimizer,
+                                                      self.train_step.scheduler)
         self.n_params = self._global_params()
-        self.optimizer = build_optimizer(self.model, tc)
-        self.scheduler = build_scheduler(self.optimizer, tc)
-        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if tc.precision == "bf16" \
-            else nullcontext()
-        self.train_step = TrainStep(self.parallelized, self.optimizer, self.scheduler, cfg, self.env.mesh,
-                                    self.autocast)
         self.callbacks = list(callbacks)
         self.checkpointer = checkpoint.Checkpointer(self.run_dir, self.env, cfg.checkpoint.async_save,
                                                     cfg.checkpoint.keep_last, hooks=self.callbacks)
