@@ -140,7 +140,7 @@ def read_mixture(folder: str | Path) -> dict:
     """mixture.json, checked for shape: a list of sources, each with a ``dir`` that is a plain name inside the folder
     and a positive weight. Raises ``CorruptCorpusError`` naming the file and the key."""
     path = Path(folder) / MIXTURE
-    rerun = f"re-run `lightspan prepare --config ...` with data.sources to rewrite it"
+    rerun = "re-run `lightspan prepare --config ...` with data.sources to rewrite it"
     try:
         raw = json.loads(path.read_bytes())
     except (ValueError, UnicodeDecodeError) as e:

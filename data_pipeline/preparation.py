@@ -57,7 +57,7 @@ from tqdm import tqdm
 from .shards import DOCUMENTS, FORMAT, HELDOUT, MANIFEST, SHARD_DIR, TOKENIZER, CorruptCorpusError, ShardWriter, \
     TokenStore, file_sha256, read_manifest, save_npy_atomic, token_dtype, write_atomic
 from .sources import MegatronSource, TextSource, open_source, slice_source
-from .tokenizer import HF_CONFIG, HF_FILE, SP_FILE, TOKENIZER_FILES, TokenizerBase, load_tokenizer, \
+from .tokenizer import HF_FILE, SP_FILE, TOKENIZER_FILES, TokenizerBase, load_tokenizer, \
     tokenizer_from_payload, train_tokenizer
 
 # documents per task sent to a worker: big enough to amortise pickling, small enough for a smooth progress bar

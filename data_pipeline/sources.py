@@ -157,7 +157,7 @@ class TextSource:
             raise SourceError(
                 f"source {self.spec!r} yielded no documents: "
                 + (f"no row of {where} has a non-empty {self.text_field!r} value" if self.files else "it is empty")
-                + f"; check the file(s), or pass --text-field with the column that holds the text"
+                + "; check the file(s), or pass --text-field with the column that holds the text"
             )
 
     def _all_texts(self) -> Iterator[str]:

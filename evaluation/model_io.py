@@ -14,7 +14,6 @@ layer's fp32 recurrent state (and the global position for LRPE), so a 16x-traini
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 

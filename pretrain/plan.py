@@ -27,7 +27,6 @@ import argparse
 import dataclasses
 import itertools
 import json
-import math
 from pathlib import Path
 
 CONSTANTS = Path(__file__).resolve().parent / "plan_constants.json"
@@ -221,8 +220,8 @@ def check_fits(cfg, device: str) -> str:
     e = estimate(cfg, layout, seq, max(d.tokens_per_step, seq), device)
     text = report(e, device)
     if not e["fits"]:
-        raise ValueError(text.replace("\n", " | ") + f" | lower the sequence length, raise parallel.cp/tp/pp, set "
-                         f"train.activation_checkpointing=full, or see `lightspan plan`")
+        raise ValueError(text.replace("\n", " | ") + " | lower the sequence length, raise parallel.cp/tp/pp, set "
+                         "train.activation_checkpointing=full, or see `lightspan plan`")
     return text
 
 

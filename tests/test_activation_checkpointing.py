@@ -2,7 +2,6 @@
 relative) for TNL, hybrid, SharedLLM and llama, in one process and at tp=2, cp=2 (LASP-2: the recomputed
 forward replays the received state, no second exchange), pp=2 and dp=2 (FSDP2). Each case also runs the
 plain parity assertions against the unsharded model (parallel_parity)."""
-import copy
 
 import pytest
 import torch

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_pipeline import CorruptCorpusError, NoSuchSourceError, OutputFolderError, SourceError, TokenStore, \
+from data_pipeline import CorruptCorpusError, SourceError, TokenStore, \
     build_loader, prepare, verify_prepared
 
 REPO = Path(__file__).resolve().parents[1]

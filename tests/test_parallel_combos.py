@@ -136,7 +136,6 @@ def test_trainer_tp_dp_cp_and_resume_match_single_process(corpus, tmp_path):
     import torch
 
     from model import build_model
-    from pretrain import checkpoint
     from pretrain.convert import load_model_weights
 
     cfg = _trainer_cfg(corpus, tmp_path / "single")
@@ -166,7 +165,6 @@ def _trainer_pp_worker(rank, world, corpus, out):
 
 def test_trainer_pp2_and_resume_match_single_process(corpus, tmp_path):
     """`torchrun -m pretrain --parallel.pp=2`: 1F1B stages in the trainer, sharded checkpoints with global names."""
-    from pretrain import checkpoint
     from pretrain.convert import load_model_weights
     from pretrain.trainer import Trainer
 
@@ -201,7 +199,6 @@ def _trainer_interleaved_worker(rank, world, corpus, out):
 def test_trainer_interleaved_pp2_and_resume_match_single_process(corpus, tmp_path):
     """Interleaved 1F1B in the trainer: 4 stages over 2 ranks (rank r holds stages r and r+2); the optimizer
     and the sharded checkpoint see one view of the rank's layers under their global names."""
-    from pretrain import checkpoint
     from pretrain.convert import load_model_weights
     from pretrain.trainer import Trainer
 

@@ -54,7 +54,6 @@ def test_trainer_tp_cp_pp_match_single_process(model, corpus, tmp_path):
         import torch
 
         from model import build_model
-        from pretrain import checkpoint
         from pretrain.convert import load_model_weights
 
         cfg = _cfg(corpus, tmp_path / "single", model)
