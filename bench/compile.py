@@ -1,6 +1,6 @@
 """torch.compile (train.compile: regional, each block) against eager, measured in the same run.
 
-    python -m bench.compile [--config configs/tiny.yaml] [--seq 2048] [--steps 8] [--threads 2]
+    python -m bench.compile [--config configs/tiny.yaml] [--seq 2048] [--steps 16] [--threads 2]
 
 Both models are built through the trainer's path (`parallel.build`, world of one, `TrainStep`) from the same
 config; each trains `--steps` steps on random batches of `data.tokens_per_step` tokens cut into sequences of
@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="lightspan bench compile", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="configs/tiny.yaml")
     p.add_argument("--seq", type=int, default=2048)
-    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--steps", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     import torch

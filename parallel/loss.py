@@ -26,8 +26,39 @@ def valid_tokens(labels: torch.Tensor) -> torch.Tensor:
 
 
 # -- the fused head: linear + cross-entropy, chunked over tokens, never the full logits -------------------------
+def _chunk_stats(h, w, y, v0: int):
+    """One chunk's logits reduced at once: (row max, sum of exp(logit - max), target logit on this vocab shard)."""
+    logits = (h @ w.t()).float()  # (c, V_local)
+    v_local = w.shape[0]
+    local = y - v0
+    mine = (local >= 0) & (local < v_local) & (y != IGNORE_INDEX)
+    target = logits.gather(1, local.clamp(0, v_local - 1)[:, None])[:, 0] * mine
+    m = logits.max(-1).values
+    return m, torch.exp(logits - m[:, None]).sum(-1), target
+
+
+def _chunk_grads(h, w, y, lse, grad, v0: int):
+    """One chunk's (dH, dW): softmax - onehot(target), scaled by the valid mask and the upstream gradient."""
+    v_local = w.shape[0]
+    p = torch.exp((h @ w.t()).float() - lse[:, None])  # softmax, (c, V_local)
+    local = y - v0
+    mine = (local >= 0) & (local < v_local) & (y != IGNORE_INDEX)
+    p = p.scatter_add(1, local.clamp(0, v_local - 1)[:, None], -mine.float()[:, None])
+    p = p * ((y != IGNORE_INDEX).float() * grad)[:, None]
+    return p @ w.float(), p.t() @ h.float()
+
+
+_kernels = {"stats": _chunk_stats, "grads": _chunk_grads}
+
+
+def compile_loss() -> None:
+    """train.compile: the chunk math (elementwise work around the two matrix products) compiled too."""
+    _kernels["stats"] = torch.compile(_chunk_stats, dynamic=True)
+    _kernels["grads"] = torch.compile(_chunk_grads, dynamic=True)
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """sum_t CE(h_t W^T, y_t) over valid t, chunk by chunk: forward keeps per chunk only (lse, target logit);
+    """sum_t CE(h_t W^T, y_t) over valid t, chunk by chunk: forward keeps per token only its log-sum-exp;
     backward recomputes each chunk's logits and accumulates dH and dW in fp32 (chunk x V_local alive at once).
 
     Vocab-parallel (tp_group given): W is this rank's rows [v0, v0 + V_local) of the table; the max, the sum of
@@ -38,27 +69,23 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, labels, chunk, tp_group, v0, reduce_grad=True):
         import torch.distributed as dist
 
-        n, v_local = hidden.shape[0], weight.shape[0]
+        n = hidden.shape[0]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         lses = torch.empty(n, dtype=torch.float32, device=hidden.device)
         for i in range(0, n, chunk):
-            logits = (hidden[i:i + chunk] @ weight.t()).float()  # (c, V_local)
             y = labels[i:i + chunk]
-            local = y - v0
-            mine = (local >= 0) & (local < v_local) & (y != IGNORE_INDEX)
-            target = torch.where(mine, logits.gather(1, local.clamp(0, v_local - 1)[:, None])[:, 0],
-                                 torch.zeros((), device=logits.device))
-            m = logits.max(-1).values
+            m, sumexp, target = _kernels["stats"](hidden[i:i + chunk], weight, y, v0)
             if tp_group is not None:
-                dist.all_reduce(m, op=dist.ReduceOp.MAX, group=tp_group)
-            sumexp = torch.exp(logits - m[:, None]).sum(-1)
-            if tp_group is not None:
+                # the shards' sums of exp(logit - own max) rescaled to the global max before they are added
+                m_all = m.clone()
+                dist.all_reduce(m_all, op=dist.ReduceOp.MAX, group=tp_group)
+                sumexp = sumexp * torch.exp(m - m_all)
+                m = m_all
                 dist.all_reduce(sumexp, group=tp_group)
                 dist.all_reduce(target, group=tp_group)
             lse = m + torch.log(sumexp)
             lses[i:i + chunk] = lse
-            total += torch.where(y != IGNORE_INDEX, lse - target, torch.zeros((), device=lse.device)).sum()
-            del logits, target, sumexp  # one chunk's logits alive at a time (not this one and the next)
+            total += ((lse - target) * (y != IGNORE_INDEX)).sum()
         ctx.save_for_backward(hidden, weight, labels, lses)
         ctx.chunk, ctx.tp_group, ctx.v0, ctx.reduce_grad = chunk, tp_group, v0, reduce_grad
         return total
@@ -68,21 +95,14 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         import torch.distributed as dist
 
         hidden, weight, labels, lses = ctx.saved_tensors
-        v_local = weight.shape[0]
         d_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
         d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         for i in range(0, hidden.shape[0], ctx.chunk):
-            h = hidden[i:i + ctx.chunk]
-            y = labels[i:i + ctx.chunk]
-            p = torch.exp((h @ weight.t()).float() - lses[i:i + ctx.chunk, None])  # softmax, (c, V_local)
-            local = y - ctx.v0
-            mine = (local >= 0) & (local < v_local) & (y != IGNORE_INDEX)
-            rows = torch.nonzero(mine)[:, 0]
-            p[rows, local[rows]] -= 1.0
-            p *= ((y != IGNORE_INDEX).float() * grad_total)[:, None]
-            d_hidden[i:i + ctx.chunk] = p @ weight.float()
-            d_weight += p.t() @ h.float()
-            del p
+            dh, dw = _kernels["grads"](hidden[i:i + ctx.chunk], weight, labels[i:i + ctx.chunk],
+                                       lses[i:i + ctx.chunk], grad_total, ctx.v0)
+            d_hidden[i:i + ctx.chunk] = dh
+            d_weight += dw
+            del dh, dw
         if ctx.tp_group is not None and ctx.reduce_grad:
             dist.all_reduce(d_hidden, group=ctx.tp_group)
         return d_hidden.to(hidden.dtype), d_weight.to(weight.dtype), None, None, None, None, None

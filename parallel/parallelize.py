@@ -130,9 +130,12 @@ def compile_blocks(blocks) -> None:
     dataset decomposition expect at most one compile per bucket (the cache limit is raised to hold them)."""
     import torch._dynamo
 
+    from parallel.loss import compile_loss
+
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     for block in blocks:
         block.compile()
+    compile_loss()  # and the fused loss's chunk math (another region)
 
 
 def trainable_module(parallelized) -> nn.Module:
