@@ -98,43 +98,9 @@ class Sampler:
 
 @torch.no_grad()
 def sample_generate(runner, ids: torch.Tensor, max_new_tokens: int, pick, eos_id: int | None = None) -> torch.Tensor:
-    """ModelRunner.generate with `pick(logits (B, V)) -> (B,)` choosing each token: (B, T) -> (B, n) new tokens.
-
-    The same decoding paths as the runner's greedy one: TNL (and hybrids) prefill in chunks and then step from
-    their states; SharedLLM compresses its context once and re-runs the running text; the softmax baseline
-    re-runs the whole sequence. Rows that emitted eos_id are padded with it; decoding stops when all have."""
-    model = runner.model
-    ids = ids.to(runner.device)
-    states, position, seq, memory = None, 0, ids, None
-    if runner.sharedllm:
-        ctx, memory = runner._sharedllm_memory(ids)
-        seq = ids[:, ctx:]
-    if runner.recurrent:
-        for start in range(0, ids.shape[1], runner.chunk_size):
-            logits, states = model(ids[:, start:start + runner.chunk_size], position_offset=start, states=states,
-                                   return_states=True)
-            position = start + logits.shape[1]
-            last = logits[:, -1]
-    else:
-        last = (model(seq, memory=memory) if runner.sharedllm else model(seq))[:, -1]
-    out = []
-    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-    for _ in range(max_new_tokens):
-        nxt = pick(last)
-        if eos_id is not None:
-            nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
-            done = done | (nxt == eos_id)
-        out.append(nxt)
-        if eos_id is not None and bool(done.all()):
-            break
-        if runner.recurrent:
-            logits, states = model(nxt[:, None], position_offset=position, states=states, return_states=True)
-            position += 1
-        else:
-            seq = torch.cat([seq, nxt[:, None]], dim=1)
-            logits = model(seq, memory=memory) if runner.sharedllm else model(seq)
-        last = logits[:, -1]
-    return torch.stack(out, dim=1).cpu() if out else ids.new_zeros((ids.shape[0], 0)).cpu()
+    """ModelRunner.generate with `pick(logits (B, V)) -> (B,)` choosing each token: (B, T) -> (B, n) new tokens
+    (the runner's decoding paths: recurrent states for TNL and hybrids, SharedLLM's context compressed once)."""
+    return runner.generate(ids, max_new_tokens, eos_id=eos_id, pick=pick)
 
 
 def generate(loaded, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,

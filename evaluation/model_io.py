@@ -90,9 +90,11 @@ class ModelRunner:
 
     @torch.no_grad()
     def generate(self, ids: torch.Tensor, max_new_tokens: int, eos_id: int | None = None,
-                 query_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Greedy decoding; rows that emitted eos_id are padded with it (and decoding stops when all have).
-        query_ids (B, Tq): the question, read only by a SharedLLM that selects by query."""
+                 query_ids: torch.Tensor | None = None, pick=None) -> torch.Tensor:
+        """Greedy decoding, or `pick(logits (B, V)) -> (B,)` choosing each token (sampling); rows that emitted
+        eos_id are padded with it (and decoding stops when all have). query_ids (B, Tq): the question, read only
+        by a SharedLLM that selects by query."""
+        pick = pick or (lambda logits: logits.argmax(-1))
         ids = ids.to(self.device)
         states, position, seq = None, 0, ids
         memory = None
@@ -110,7 +112,7 @@ class ModelRunner:
         out = []
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         for _ in range(max_new_tokens):
-            nxt = last.argmax(-1)
+            nxt = pick(last)
             if eos_id is not None:
                 nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
                 done = done | (nxt == eos_id)
