@@ -11,30 +11,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 
 def run(cfg_path: str, seq: int, steps: int, compiled: bool) -> tuple[float, float]:
-    import torch
-
-    from parallel.mesh import build_mesh
+    from bench.steps import random_batch, timed, train_step
     from pretrain.config import load_config
-    from pretrain.trainer import build_train_step
 
     cfg = load_config(cfg_path, [f"--train.compile={str(compiled).lower()}", "--train.device=cpu"])
-    step = build_train_step(cfg, build_mesh(cfg.parallel))
+    step = train_step(cfg)
     rows = max(cfg.data.tokens_per_step // seq, 1)
-    g = torch.Generator().manual_seed(1)
-    batch = {"input_ids": torch.randint(0, cfg.model.vocab_size, (rows, seq), generator=g),
-             "labels": torch.randint(0, cfg.model.vocab_size, (rows, seq), generator=g)}
-    t0 = time.perf_counter()
-    step(batch)
-    first = time.perf_counter() - t0
-    step(batch)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step(batch)
-    return first, rows * seq * steps / (time.perf_counter() - t0)
+    batch = random_batch(cfg.model.vocab_size, rows, seq, seed=1)
+    first = timed(step, batch, 1, warmup=0)  # the first step (compiles when compiled)
+    return first, rows * seq / timed(step, batch, steps)
 
 
 def main(argv=None) -> int:

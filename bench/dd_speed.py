@@ -12,23 +12,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 
 def step_time(cfg, seq: int, tokens: int) -> float:
-    import torch
+    from bench.steps import random_batch, timed, train_step
 
-    from parallel.mesh import build_mesh
-    from pretrain.trainer import build_train_step
-
-    step = build_train_step(cfg, build_mesh(cfg.parallel))
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, cfg.model.vocab_size, (max(tokens // seq, 1), seq), generator=g)
-    batch = {"input_ids": ids, "labels": torch.roll(ids, -1, 1)}
-    step(batch)  # warm-up
-    t0 = time.perf_counter()
-    step(batch)
-    return time.perf_counter() - t0
+    return timed(train_step(cfg), random_batch(cfg.model.vocab_size, max(tokens // seq, 1), seq), 1)
 
 
 def main(argv=None) -> int:
