@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_checkpoint_resilience import _args  # the tiny run both files train
 import torch
 
 from pretrain import checkpoint
@@ -55,14 +56,6 @@ class TouchPayload:
 
 
 # --- the run folder and helpers ----------------------------------------------------------------------------------
-
-def _args(corpus, out, *extra):
-    return [f"--data.source={corpus / 'docs.jsonl'}", f"--data.prepared_dir={corpus / 'prepared'}",
-            "--data.min_log2=5", "--data.max_log2=7", "--data.tokens_per_step=512", "--data.cycles=2",
-            "--model.vocab_size=512", "--model.dim=32", "--model.layers=2", "--model.heads=2", "--model.glu_dim=64",
-            "--model.attn_backend=chunked", "--train.lr=1e-2", "--train.warmup_steps=2", "--train.device=cpu",
-            "--train.threads=1", f"--train.out_dir={out}", "--log.every=1", "--log.tensorboard=false", *extra]
-
 
 def _env():
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
