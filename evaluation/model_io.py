@@ -61,8 +61,8 @@ class ModelRunner:
         c = self.cfg.sharedllm_chunk
         return max(0, (length - self.text_len) // c) * c if self.sharedllm else 0
 
-    def _sharedllm_memory(self, ids, query_ids=None):
-        ctx = self.context_tokens(ids.shape[1])
+    def _sharedllm_memory(self, ids, query_ids=None, prompt_len: int | None = None):
+        ctx = self.context_tokens(ids.shape[1] if prompt_len is None else min(prompt_len, ids.shape[1]))
         if not ctx:
             return 0, None
         chunks = ids[:, :ctx].reshape(ids.shape[0], -1, self.cfg.sharedllm_chunk)
@@ -71,10 +71,13 @@ class ModelRunner:
         return ctx, self.model.memory(chunks, query_ids=query_ids.to(self.device))
 
     @torch.no_grad()
-    def logits_chunks(self, ids: torch.Tensor, query_ids: torch.Tensor | None = None):
+    def logits_chunks(self, ids: torch.Tensor, query_ids: torch.Tensor | None = None, prompt_len: int | None = None):
+        """Yield (start, logits (B, n, V)) over `ids`. prompt_len: a SharedLLM splits off its context as it would for
+        a prompt that long (what `generate` does for that prompt), so scoring a prompt followed by its answer sees
+        the same memory as generating the answer."""
         ids = ids.to(self.device)
         if self.sharedllm:
-            ctx, memory = self._sharedllm_memory(ids, query_ids)
+            ctx, memory = self._sharedllm_memory(ids, query_ids, prompt_len)
             if ctx:
                 yield 0, self.model.decoder(ids[:, :ctx]).float()
             yield ctx, self.model(ids[:, ctx:], memory=memory).float()
@@ -130,14 +133,17 @@ class ModelRunner:
         return torch.stack(out, dim=1).cpu() if out else ids.new_zeros((ids.shape[0], 0)).cpu()
 
 
-def token_nll(model, ids: torch.Tensor, targets: torch.Tensor,
-              query_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def token_nll(model, ids: torch.Tensor, targets: torch.Tensor, query_ids: torch.Tensor | None = None,
+              prompt_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token negative log-likelihood and greedy hit. ids, targets: (B, T); targets[b, t] is the token that
-    should follow ids[b, :t+1] or IGNORE; query_ids: the question, for a model that `selects_by_query`.
+    should follow ids[b, :t+1] or IGNORE; query_ids: the question, for a model that `selects_by_query`;
+    prompt_len: see `ModelRunner.logits_chunks` (a SharedLLM's context split).
     Returns (nll (B, T) float64, zero where ignored; hit (B, T) bool)."""
     nll = torch.zeros(targets.shape, dtype=torch.float64)
     hit = torch.zeros(targets.shape, dtype=torch.bool)
     kw = {"query_ids": query_ids} if query_ids is not None and getattr(model, "selects_by_query", False) else {}
+    if prompt_len is not None and getattr(model, "sharedllm", False):
+        kw["prompt_len"] = prompt_len
     for start, logits in model.logits_chunks(ids, **kw):
         logits = logits.cpu()
         tgt = targets[:, start:start + logits.shape[1]]

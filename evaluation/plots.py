@@ -159,8 +159,9 @@ def figure_accuracy(curves: dict, title: str, train_len: int | None = None, chan
                     model: str | None = None, step: int | None = None, x_key: str = "seq_len",
                     count_key: str = "queries", x_label: str = "sequence length (tokens, log2 scale)",
                     y_label: str = "accuracy"):
-    """curves: {label: [{seq_len, accuracy, queries, examples?}, ...]} -> accuracy vs length, one line each, the
-    training length dashed, chance dotted, each point annotated with how many trials (queries) it holds."""
+    """curves: {label: [{seq_len, accuracy, queries, lo?, hi?}, ...]} -> accuracy vs length, one line each, the
+    training length dashed, chance dotted, each point annotated with how many trials (queries) it holds; points
+    that carry lo/hi (a 95% interval) get a shaded band."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, points in curves.items():
@@ -168,6 +169,9 @@ def figure_accuracy(curves: dict, title: str, train_len: int | None = None, chan
         n = [p.get(count_key, 0) for p in points]
         counts = f"{min(n):,}" if min(n) == max(n) else f"{min(n):,}-{max(n):,}"
         line, = ax.plot(xs, ys, marker="o", label=f"{label} ({counts} {count_key} per point)")
+        if all("lo" in q and "hi" in q for q in points):  # a 95% interval per point
+            ax.fill_between(xs, [q["lo"] for q in points], [q["hi"] for q in points], color=line.get_color(),
+                            alpha=0.12, linewidth=0)
         for x, y, k in zip(xs, ys, n):
             ax.annotate(f"{y:.2f}\nn={k}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center",
                         fontsize=7, color=line.get_color())
