@@ -19,7 +19,8 @@ Public API::
     prepare("synthetic:retrieval", out_dir, synthetic={seed, documents, fraction, kinds, keys, min_distance,
             max_distance}, holdout_docs=...)   (generated retrieval documents; synthetic_options(cfg.data))
     retrieval_prompts(tok, lengths, depths, kind, trials, seed, keys, split="heldout") -> [RetrievalPrompt]
-            (evaluation prompts in the synthetic documents' format) ; score_generation(prompt, text) -> bool
+            (evaluation prompts in the synthetic documents' format) ; score_generation(prompt, text) -> bool ;
+            plain_heldout_tokens(tok, n) -> held-out-class corpus text (held-out perplexity)
 
 Bad input raises one-sentence errors naming the file and the fix: ``SourceError`` (a ValueError: empty, not
 UTF-8, unparsable, no text column), ``NoSuchSourceError`` (a FileNotFoundError), ``OutputFolderError`` (a
@@ -53,7 +54,7 @@ _EXPORTS = {
     "NoSuchSourceError": "sources",
     "IGNORE_INDEX": "sharding",
     "SyntheticSource": "synthetic", "synthetic_options": "synthetic", "retrieval_prompts": "synthetic",
-    "RetrievalPrompt": "synthetic", "score_generation": "synthetic",
+    "RetrievalPrompt": "synthetic", "score_generation": "synthetic", "plain_heldout_tokens": "synthetic",
 }
 
 __all__ = sorted(_EXPORTS)

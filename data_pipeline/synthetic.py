@@ -649,6 +649,16 @@ def retrieval_prompts(tok, lengths, depths=None, kind: str = "passkey", trials: 
     return out
 
 
+def plain_heldout_tokens(tok, n_tokens: int, seed: int = 0) -> np.ndarray:
+    """``n_tokens`` tokens of plain corpus text of the held-out class (files no training document of any seed
+    reads), tokenized as documents tokenize it: what "held-out perplexity on plain text" is measured on."""
+    if n_tokens < 1:
+        raise ValueError(f"n_tokens must be >= 1, got {n_tokens}")
+    rng = random.Random(f"lightspan-synthetic-plain/{seed}")
+    buf, _, _ = _filler(_corpus(), _codec(tok), rng, "heldout", n_tokens)
+    return np.asarray(buf[:n_tokens], np.int64)
+
+
 def score_generation(prompt: RetrievalPrompt, generated: str) -> bool:
     """A 5-digit answer: the first run of digits in the generation equals it (evaluation/passkey.py's rule; a
     multi-hop chain names no digits before its value); a word: the generation contains it, case-insensitive."""
@@ -659,4 +669,4 @@ def score_generation(prompt: RetrievalPrompt, generated: str) -> bool:
 
 
 __all__ = ["SyntheticSource", "SyntheticOptions", "synthetic_options", "open_synthetic", "write_synthetic",
-           "retrieval_prompts", "RetrievalPrompt", "score_generation", "split_of", "KINDS"]
+           "retrieval_prompts", "RetrievalPrompt", "score_generation", "plain_heldout_tokens", "split_of", "KINDS"]
