@@ -135,6 +135,185 @@ def _sharedllm_part(args, out: Path, lm: dict | None = None) -> dict:
     return rows
 
 
+# ------------------------------------------------------------------------------------------------------------
+# part 4: retrieval-trained models beyond the training length
+# ------------------------------------------------------------------------------------------------------------
+RETRIEVAL_CONFIG = "configs/retrieval-tiny.yaml"
+# (key, label, overrides of configs/retrieval-tiny.yaml): the same width, depth, data, steps and tokens; glu_dim
+# evens out the parameter counts (TNL 1,179,776; the others within 0.4% of it)
+RETRIEVAL_MODELS = (
+    ("tnl", "TNL", ()),
+    ("hybrid", "hybrid TNL (LLLS)", ("--model.attention_pattern=LLLS", "--model.glu_dim=392")),
+    ("llama", "softmax (llama)", ("--model.arch=llama", "--model.glu_dim=424")),
+    ("sharedllm", "SharedLLM-TNL", ("--model.arch=sharedllm", "--model.glu_dim=344", "--model.sharedllm_layers=2",
+                                    "--model.sharedllm_chunk=128", "--model.sharedllm_context_chunks=2",
+                                    "--model.sharedllm_depth=2", "--model.sharedllm_node_positions=8",
+                                    "--model.sharedllm_split_jitter=0.25")),
+)
+RETRIEVAL_TASKS = (("passkey", "passkey"), ("multikey", "multi-key needle"), ("multihop", "multi-hop"))
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson score interval of k successes in n trials ((0, 1) when n == 0)."""
+    if n == 0:
+        return 0.0, 1.0
+    phat = k / n
+    centre = (phat + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * ((phat * (1 - phat) + z * z / (4 * n)) / n) ** 0.5 / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def forced_exact_match(runner, prompts: list, tokens_per_batch: int = 32768) -> list[dict]:
+    """Greedy exact match of every prompt's answer tokens, in one forward per batch: the prompt followed by its
+    answer, scored where each answer token is predicted. Greedy decoding reproduces the answer exactly iff every
+    answer token is the argmax given the correct prefix, so this equals generating and comparing token by token
+    (without a decoding loop that re-runs a cache-less softmax model's whole context once per new token).
+    Returns one record per prompt: correct, the answer's NLL per token, and the prompt's meta."""
+    import torch
+
+    from evaluation.model_io import IGNORE, token_nll
+
+    by_query = bool(getattr(runner, "selects_by_query", False))
+    groups: dict[tuple, list[int]] = {}
+    for i, pr in enumerate(prompts):
+        groups.setdefault((pr.length, len(pr.query) if by_query else 0), []).append(i)
+    out = [None] * len(prompts)
+    for (length, _), idx in sorted(groups.items()):
+        size = max(1, tokens_per_batch // length)
+        for j in range(0, len(idx), size):
+            batch = [prompts[i] for i in idx[j:j + size]]
+            width = length + max(len(pr.answer_ids) for pr in batch) - 1
+            ids = torch.zeros(len(batch), width, dtype=torch.long)
+            targets = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+            for row, pr in enumerate(batch):
+                seq = list(pr.ids) + list(pr.answer_ids[:-1])
+                ids[row, :len(seq)] = torch.tensor(seq)
+                targets[row, length - 1:length - 1 + len(pr.answer_ids)] = torch.tensor(pr.answer_ids)
+            query = torch.tensor([pr.query for pr in batch]) if by_query else None
+            nll, hit = token_nll(runner, ids, targets, query, prompt_len=length)
+            mask = targets != IGNORE
+            for row, i in enumerate(idx[j:j + size]):
+                pr = prompts[i]
+                m = mask[row]
+                out[i] = {"length": pr.length, "depth": pr.depth, "trial": pr.trial,
+                          "correct": bool(hit[row][m].all()), "answer_nll": float(nll[row][m].mean()), **pr.meta}
+    return out
+
+
+def retrieval_summary(records: list[dict]) -> dict:
+    """Per length: accuracy over all depths with its 95% interval; per (length, depth) cell: accuracy, n, interval."""
+    lengths = sorted({r["length"] for r in records})
+    depths = sorted({r["depth"] for r in records})
+    per_length, cells = [], []
+    for length in lengths:
+        rs = [r for r in records if r["length"] == length]
+        k = sum(r["correct"] for r in rs)
+        lo, hi = wilson(k, len(rs))
+        per_length.append({"length": length, "correct": k, "trials": len(rs), "accuracy": k / len(rs), "lo": lo,
+                           "hi": hi, "answer_nll": sum(r["answer_nll"] for r in rs) / len(rs)})
+        row = []
+        for d in depths:
+            c = [r["correct"] for r in rs if r["depth"] == d]
+            lo, hi = wilson(sum(c), len(c))
+            row.append({"depth": d, "correct": sum(c), "trials": len(c), "lo": lo, "hi": hi})
+        cells.append(row)
+    return {"lengths": lengths, "depths": depths, "per_length": per_length, "cells": cells}
+
+
+def retrieval_report(res: dict, out: Path) -> None:
+    """Part 4's tables (printed, markdown) and PNGs (one per task, plus perplexity) from its results dict."""
+    from evaluation.plots import plot_accuracy, plot_perplexity
+
+    train_len, lengths = res["train_len"], res["lengths"]
+    factors = [length // train_len for length in lengths]
+    ppl_lengths = [q["length"] for q in next(iter(res["models"].values()))["ppl"]]
+    xs = " / ".join(f"{f}x" for f in factors)
+    for kind, name in RETRIEVAL_TASKS:
+        print(f"\n{name}: greedy exact match at {xs} the training length (95% Wilson interval; trials)")
+        print("| model | " + " | ".join(f"{length} ({f}x)" for length, f in zip(lengths, factors)) + " |")
+        print("|---|" + "---|" * len(lengths))
+        curves = {}
+        for key, row in res["models"].items():
+            pts = row["tasks"][kind]["per_length"]
+            print(f"| {row['label']} | " + " | ".join(
+                f"{q['accuracy']:.2f} [{q['lo']:.2f}, {q['hi']:.2f}] ({q['trials']})" for q in pts) + " |")
+            curves[row["label"]] = [{"seq_len": q["length"], "accuracy": q["accuracy"], "trials": q["trials"],
+                                     "lo": q["lo"], "hi": q["hi"]} for q in pts]
+        plot_accuracy(curves, out / f"retrieval-{kind}.png",
+                      f"{name}: greedy exact match (shaded: 95% interval)", train_len,
+                      model=f"{res['steps']} steps each", count_key="trials",
+                      x_label="context length (tokens, log2 scale)", y_label="exact match")
+    print("\nheld-out plain-text perplexity vs context length")
+    print("| model | " + " | ".join(str(length) for length in ppl_lengths) + " |")
+    print("|---|" + "---|" * len(ppl_lengths))
+    for key, row in res["models"].items():
+        print(f"| {row['label']} | " + " | ".join(f"{q['ppl']:.2f}" for q in row["ppl"]) + " |")
+    plot_perplexity({row["label"]: row["ppl"] for row in res["models"].values()}, out / "retrieval-perplexity.png",
+                    train_len, "held-out plain text (files no training document reads)",
+                    model=f"{res['steps']} steps each")
+
+
+def _retrieval_part(args, out: Path) -> dict:
+    """Part 4: TNL, hybrid, softmax and SharedLLM-TNL trained alike on the synthetic retrieval mixture at 512
+    tokens, then passkey / multi-key needle / multi-hop at 1x..64x and held-out plain-text perplexity vs length."""
+    import torch
+
+    from data_pipeline import load_tokenizer, plain_heldout_tokens, retrieval_prompts
+    from evaluation import perplexity
+    from evaluation.model_io import load_for_eval
+    from pretrain.cli import main as lightspan
+
+    config = args.retrieval_config
+    prepared = out / "retrieval-data"
+    if not (prepared / "meta.json").is_file():
+        if lightspan(["prepare", "--config", config, f"--data.prepared_dir={prepared}"]) != 0:
+            raise SystemExit("[quality] part 4: preparing the synthetic retrieval data failed")
+    train_len = 512
+    factors = [int(x) for x in args.retrieval_factors.split(",")]
+    lengths = [train_len * f for f in factors]
+    depths = [0.0, 0.25, 0.5, 0.75, 1.0]
+    models = [m for m in RETRIEVAL_MODELS if m[0] in args.retrieval_models.split(",")]
+    res = {"config": config, "steps": args.retrieval_steps, "train_len": train_len, "lengths": lengths,
+           "depths": depths, "models": {}}
+    tok = load_tokenizer(prepared)
+    plain = plain_heldout_tokens(tok, 2 * max(lengths))
+    ppl_lengths = sorted({128, *lengths})
+    for key, label, extra in models:
+        run_dir = out / f"retrieval-{key}"
+        t0 = time.perf_counter()
+        if args.skip_train and (run_dir / "checkpoints").is_dir():
+            losses, secs = [], None
+        else:
+            run_dir, losses, secs = _train_lm("concat", args.retrieval_steps, out, config, args.threads, str(prepared),
+                                              f"retrieval-{key}", (*extra, f"--train.device={args.device}"))
+        row = {"label": label, "overrides": list(extra), "train_seconds": None if secs is None else round(secs, 1),
+               "final_loss": round(sum(losses[-50:]) / len(losses[-50:]), 4) if losses else None, "tasks": {}}
+        # SharedLLM reads each question as its query (the paper's query-aware expansion), at every length
+        loaded = load_for_eval(run_dir, device=args.device, sharedllm_select="query" if key == "sharedllm" else None)
+        row["params"] = sum(p.numel() for p in loaded.runner.model.parameters())
+        t1 = time.perf_counter()
+        for kind, _ in RETRIEVAL_TASKS:
+            prompts = []
+            for length, factor in zip(lengths, factors):
+                trials = args.retrieval_trials if factor < 64 else args.retrieval_trials_64x
+                prompts += retrieval_prompts(tok, [length], depths, kind=kind, trials=trials, seed=args.seed)
+            row["tasks"][kind] = retrieval_summary(forced_exact_match(loaded.runner, prompts))
+        row["eval_seconds"] = round(time.perf_counter() - t1, 1)
+        with torch.no_grad():
+            row["ppl"] = perplexity.perplexity_curve(loaded.runner, plain, ppl_lengths, 0.5, 32768)
+        row["ppl_seconds"] = round(time.perf_counter() - t1 - row["eval_seconds"], 1)
+        res["models"][key] = row
+        accs = "; ".join(f"{kind} " + " / ".join(f"{q['accuracy']:.2f}" for q in row["tasks"][kind]["per_length"])
+                         for kind, _ in RETRIEVAL_TASKS)
+        print(f"[quality] part 4 {label}: {row['params']:,} params, train {row['train_seconds']}s, final loss "
+              f"{row['final_loss']}, eval {row['eval_seconds']}s + ppl {row['ppl_seconds']}s; {accs} "
+              f"(total {time.perf_counter() - t0:.0f}s)", flush=True)
+        (out / "results-retrieval.json").write_text(json.dumps(res, indent=2))
+
+    retrieval_report(res, out)
+    return res
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="configs/tiny.yaml")
@@ -150,6 +329,14 @@ def main(argv=None) -> int:
     p.add_argument("--skip-train", action="store_true", help="evaluate the LM runs already in --out")
     p.add_argument("--parts", default="lm,sharedllm,mqar", help="which parts to run (comma-separated)")
     p.add_argument("--passkey-trials", type=int, default=2, help="keys per (length, depth) in part 2")
+    p.add_argument("--retrieval-config", default=RETRIEVAL_CONFIG, help="part 4: the config every model starts from")
+    p.add_argument("--retrieval-steps", type=int, default=1500, help="part 4: training steps of each model")
+    p.add_argument("--retrieval-models", default="tnl,hybrid,llama,sharedllm", help="part 4: which models")
+    p.add_argument("--retrieval-factors", default="1,4,16,64", help="part 4: lengths as multiples of 512")
+    p.add_argument("--retrieval-trials", type=int, default=4, help="part 4: prompts per (length, depth) cell")
+    p.add_argument("--retrieval-trials-64x", type=int, default=2, help="part 4: prompts per cell at 64x and more")
+    p.add_argument("--seed", type=int, default=0, help="part 4: the evaluation prompts' seed")
+    p.add_argument("--device", default="cpu", help="part 4: where the models train and are evaluated (cpu, cuda)")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -158,9 +345,9 @@ def main(argv=None) -> int:
                            "load_avg_start": os.getloadavg()}, "args": vars(args)}
 
     parts = set(args.parts.split(","))
-    unknown = parts - {"lm", "sharedllm", "mqar"}
+    unknown = parts - {"lm", "sharedllm", "mqar", "retrieval"}
     if unknown:
-        p.error(f"--parts: unknown {sorted(unknown)}; choose among lm, sharedllm, mqar")
+        p.error(f"--parts: unknown {sorted(unknown)}; choose among lm, sharedllm, mqar, retrieval")
     if "lm" in parts:
         lengths = [int(x) for x in args.lengths.split(",")]
         lm = {}
@@ -199,6 +386,8 @@ def main(argv=None) -> int:
             else:
                 print(f"| {r['model']} | {r['steps']} | {r['seconds']} | {r['final_loss']} | {r['accuracy']:.3f} | "
                       f"{r['chance']:.3f} |")
+    if "retrieval" in parts:
+        results["retrieval"] = _retrieval_part(args, out)
     results["machine"]["load_avg_end"] = os.getloadavg()
     results["seconds"] = round(time.perf_counter() - t_start, 1)
     (out / "results.json").write_text(json.dumps(results, indent=2))
