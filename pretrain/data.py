@@ -82,14 +82,14 @@ def padded_model_vocab(cfg: Config, tokenizer_vocab: int) -> int:
 
 
 def build_train_loader(cfg: Config, dp_rank: int = 0, dp_size: int = 1, cp_rank: int = 0, cp_size: int = 1):
-    """Returns (stateful loader, tokenizer vocab size). With `model.vocab_size_multiple_of` set, model.vocab_size is
-    first set to the padded size (`padded_model_vocab`); a tokenizer larger than model.vocab_size is refused naming
-    both numbers."""
+    """Returns (stateful loader, tokenizer vocab size) over the prepared `data.prepared_dir` (`ensure_prepared` makes
+    it). With `model.vocab_size_multiple_of` set, model.vocab_size is first set to the padded size
+    (`padded_model_vocab`); a tokenizer larger than model.vocab_size is refused naming both numbers."""
     import data_pipeline
 
     d = cfg.data
     sources = mixture_sources(cfg)
-    prepared = ensure_prepared(cfg)
+    prepared = Path(d.prepared_dir)  # prepared by `ensure_prepared` on one rank before every rank gets here
     vocab = corpus_vocab_size(prepared)
     cfg.model.vocab_size = padded_model_vocab(cfg, vocab)
     data_pipeline.check_model_vocab(vocab, cfg.model.vocab_size, f"the tokenizer of {prepared}")
