@@ -167,7 +167,7 @@ def forced_exact_match(runner, prompts: list, tokens_per_batch: int = 32768) -> 
     """Greedy exact match of every prompt's answer tokens, in one forward per batch: the prompt followed by its
     answer, scored where each answer token is predicted. Greedy decoding reproduces the answer exactly iff every
     answer token is the argmax given the correct prefix, so this equals generating and comparing token by token
-    (without a decoding loop that re-runs a cache-less softmax model's whole context once per new token).
+    (and yields the answer's NLL; SharedLLM, which has no cache, would re-run its running text per new token).
     Returns one record per prompt: correct, the answer's NLL per token, and the prompt's meta."""
     import torch
 

@@ -6,7 +6,8 @@
 RUN is a run folder (its newest complete checkpoint), a checkpoint folder or a Hugging Face export folder, loaded
 by evaluation.model_io.load_for_eval (any layout the run trained on). TNL and its hybrids decode with their
 recurrent state as the cache: the prompt is read once (in chunks of --chunk-size tokens), then every new token is
-one step from the states; the softmax baseline and SharedLLM re-run their sequence per token.
+one step from the states; the softmax baseline reads the prompt at once and decodes from its key/value cache;
+SharedLLM compresses its context once and re-runs its running text per token.
 
 Greedy (the default, --temperature 0) is the evaluation runner's own decoding (ModelRunner.generate); sampling
 draws from softmax(logits / temperature), optionally cut to the top k tokens and the top-p probability mass,

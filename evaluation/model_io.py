@@ -9,7 +9,7 @@ The interface (duck-typed, so a test oracle can stand in for a network):
 
 `ModelRunner` wraps one of our networks. TNL (and its hybrids) runs long inputs in chunks of `chunk_size` tokens, carrying each
 layer's fp32 recurrent state (and the global position for LRPE), so a 16x-training-length prompt never holds a
-(T, V) logits tensor; the softmax baseline has no state and runs the whole input at once.
+(T, V) logits tensor; the softmax baseline runs the whole input at once and decodes from its key/value cache.
 """
 from __future__ import annotations
 
@@ -48,8 +48,10 @@ class ModelRunner:
         self.device = torch.device(device)
         self.sharedllm = self.cfg.arch == "sharedllm"
         self.text_len = int(text_len) if text_len else 2 * self.cfg.sharedllm_chunk
-        # TNL and its hybrids carry states between chunks (a softmax 'S' layer's is its key/value cache)
+        # TNL and its hybrids carry states between chunks (a softmax 'S' layer's is its key/value cache); the
+        # softmax baseline reads a prompt at once (one causal attention) and then decodes from its key/value cache
         self.recurrent = self.cfg.arch == "tnl"
+        self.cached = self.cfg.arch == "llama"
 
     @property
     def selects_by_query(self) -> bool:
@@ -101,11 +103,13 @@ class ModelRunner:
         ids = ids.to(self.device)
         states, position, seq = None, 0, ids
         memory = None
-        if self.sharedllm:  # the context is compressed once; the running text is re-run every step
+        if self.sharedllm:  # the context is compressed once; the running text is re-run every step (no cache)
             ctx, memory = self._sharedllm_memory(ids, query_ids)
             seq = ids[:, ctx:]
-        if not self.recurrent:  # no cache: every step re-runs the whole sequence
-            last = self.model(seq, memory=memory)[:, -1] if self.sharedllm else self.model(ids)[:, -1]
+            last = self.model(seq, memory=memory)[:, -1]
+        elif self.cached:
+            logits, states = self.model(ids, return_states=True)
+            position, last = ids.shape[1], logits[:, -1]
         for start in range(0, ids.shape[1] if self.recurrent else 0, self.chunk_size):
             # prefill in chunks: only the last logits are kept
             logits, states = self.model(ids[:, start:start + self.chunk_size], position_offset=start,
@@ -122,13 +126,13 @@ class ModelRunner:
             out.append(nxt)
             if eos_id is not None and bool(done.all()):
                 break
-            if self.recurrent:
+            if self.recurrent or self.cached:
                 logits, states = self.model(nxt[:, None], position_offset=position, states=states,
                                             return_states=True)
                 position += 1
             else:
                 seq = torch.cat([seq, nxt[:, None]], dim=1)
-                logits = self.model(seq, memory=memory) if self.sharedllm else self.model(seq)
+                logits = self.model(seq, memory=memory)
             last = logits[:, -1]
         return torch.stack(out, dim=1).cpu() if out else ids.new_zeros((ids.shape[0], 0)).cpu()
 

@@ -2,8 +2,8 @@
 
 TNL decodes recurrently: one forward over the prompt returns each layer's fp32 state (a hybrid's softmax layers:
 their key/value cache), then every new token is one step from those states at its global position (the LRPE
-and RoPE offset). The softmax baseline has no cache
-here: it re-runs the whole sequence per token (fine for tests and short evaluations).
+and RoPE offset). The softmax baseline decodes the same way from its key/value cache; any other model (SharedLLM's
+decoder alone) re-runs the whole sequence per token.
 """
 from __future__ import annotations
 
@@ -18,11 +18,11 @@ def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, eos_id:
     With `eos_id`, a row that has produced it is filled with `pad_id` (default: eos_id) afterwards and decoding
     stops once every row has (what `transformers` generate() does).
     """
-    arch = getattr(getattr(model, "cfg", None), "arch", "tnl")
+    stateful = getattr(getattr(model, "cfg", None), "arch", "tnl") in ("tnl", "llama")
     out = input_ids
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     fill = eos_id if pad_id is None else pad_id
-    if arch == "tnl":
+    if stateful:
         logits, states = model(input_ids, return_states=True)
     else:
         logits, states = model(input_ids), None
@@ -35,7 +35,7 @@ def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, eos_id:
         out = torch.cat([out, nxt[:, None]], dim=1)
         if eos_id is not None and bool(done.all()):
             break
-        if arch == "tnl":
+        if stateful:
             logits, states = model(nxt[:, None], position_offset=position, states=states, return_states=True)
         else:
             logits = model(out)

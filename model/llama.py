@@ -35,9 +35,13 @@ class LlamaBlock(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.mlp = SwiGLU(cfg.dim, cfg.glu_dim)
 
-    def forward(self, x, position_offset: int = 0):
-        x = x + self.self_attn(self.input_layernorm(x), position_offset)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, position_offset: int = 0, state=None, return_state: bool = False):
+        """state: this layer's key/value cache (see `SoftmaxMixer.forward`); return_state: also return it, extended."""
+        a = self.self_attn(self.input_layernorm(x), position_offset, state, return_state)
+        a, state = a if return_state else (a, None)
+        x = x + a
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return (x, state) if return_state else x
 
 
 class LlamaLM(nn.Module):
@@ -62,9 +66,17 @@ class LlamaLM(nn.Module):
             name = "embed_tokens.weight"
         return normal(seed, name, shape, self.cfg.init_std, device)
 
-    def forward(self, input_ids, position_offset: int = 0):
+    def forward(self, input_ids, position_offset: int = 0, states=None, return_states: bool = False):
+        """states: one key/value cache per layer, to continue from (decoding); return_states: also return them."""
         x = self.embed_tokens(input_ids) if self.embed_tokens is not None else input_ids
-        for layer in self.layers.values():
-            x = layer(x, position_offset)
+        new_states = []
+        for i, layer in enumerate(self.layers.values()):
+            state = states[i] if states is not None else None
+            if return_states:
+                x, state = layer(x, position_offset, state, True)
+                new_states.append(state)
+            else:
+                x = layer(x, position_offset, state)
         x = self.final_norm(x) if self.final_norm is not None else x
-        return self.lm_head(x) if self.lm_head is not None else x
+        logits = self.lm_head(x) if self.lm_head is not None else x
+        return (logits, new_states) if return_states else logits

@@ -157,3 +157,19 @@ def test_hf_export_is_readable_by_group_and_others_whatever_the_umask(run, tmp_p
     for p in paths:
         mode = stat.S_IMODE(p.stat().st_mode)
         assert mode == (0o755 if p.is_dir() else 0o644), (p.name, oct(mode))
+
+
+def test_llama_key_value_cache_matches_one_forward():
+    """The softmax baseline's cache: a prompt read in pieces (5 tokens, 4 tokens, then one at a time) from the
+    returned key/value caches gives the logits of one forward over the whole sequence."""
+    model = _model("llama")
+    ids = torch.randint(4, 64, (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = model(ids)
+        pieces, states, pos = [], None, 0
+        for width in (5, 4, 1, 1, 1):
+            logits, states = model(ids[:, pos:pos + width], position_offset=pos, states=states, return_states=True)
+            pieces.append(logits)
+            pos += width
+    assert [s[0].shape[2] for s in states] == [12, 12]  # each layer's cache holds every token read
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
