@@ -13,6 +13,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .init import init_parameters, normal
+from .stack import run_layers
 from .softmax_attention import SoftmaxMixer
 
 
@@ -69,14 +70,7 @@ class LlamaLM(nn.Module):
     def forward(self, input_ids, position_offset: int = 0, states=None, return_states: bool = False):
         """states: one key/value cache per layer, to continue from (decoding); return_states: also return them."""
         x = self.embed_tokens(input_ids) if self.embed_tokens is not None else input_ids
-        new_states = []
-        for i, layer in enumerate(self.layers.values()):
-            state = states[i] if states is not None else None
-            if return_states:
-                x, state = layer(x, position_offset, state, True)
-                new_states.append(state)
-            else:
-                x = layer(x, position_offset, state)
+        x, new_states = run_layers(self.layers.values(), x, position_offset, states, return_states)
         x = self.final_norm(x) if self.final_norm is not None else x
         logits = self.lm_head(x) if self.lm_head is not None else x
         return (logits, new_states) if return_states else logits

@@ -19,6 +19,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .init import init_parameters, normal
+from .stack import run_layers
 from .ops import lightning_attn
 from .softmax_attention import SoftmaxMixer
 
@@ -190,14 +191,7 @@ class TransnormerLM(nn.Module):
         """states: optional list, one per layer, to continue from (e.g. when decoding): a lightning layer's fp32
         (B, H, Dk, Dv) state, a hybrid softmax layer's (k, v) cache."""
         x = self.embed_tokens(input_ids) * self.embed_scale if self.embed_tokens is not None else input_ids
-        new_states = []
-        for i, (name, layer) in enumerate(self.layers.items()):
-            state = states[i] if states is not None else None
-            if return_states:
-                x, state = layer(x, position_offset, state, True)
-                new_states.append(state)
-            else:
-                x = layer(x, position_offset, state)
+        x, new_states = run_layers(self.layers.values(), x, position_offset, states, return_states)
         x = self.final_norm(x) if self.final_norm is not None else x
         logits = self.lm_head(x) if self.lm_head is not None else x
         return (logits, new_states) if return_states else logits
